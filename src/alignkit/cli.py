@@ -1,0 +1,158 @@
+"""The `alignkit` command. Each command parses flags (or a YAML --config) into a config dataclass and
+calls one function; the flags of a training command are generated from its dataclass fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import typing
+from typing import Callable, Optional
+
+import typer
+
+from alignkit.config import SFTConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="From a pretrained LM to an aligned assistant.")
+data_app = typer.Typer(no_args_is_help=True, help="Build instruction data sets.")
+app.add_typer(data_app, name="data")
+
+
+def _fail(error: Exception) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+    raise typer.Exit(code=2)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+
+
+def config_command(name: str, cls: type, run: Callable, help: str) -> None:
+    """Register `alignkit NAME` with one --flag per field of `cls` plus --config FILE.yaml."""
+    hints = typing.get_type_hints(cls)
+    params = [
+        inspect.Parameter(
+            "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+            default=typer.Option(None, "--config", help="YAML file whose keys are these flag names; flags override it"),
+        )
+    ]
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        decls = [f"--{f.name}/--no_{f.name}"] if kind is bool else [f"--{f.name}"]
+        option = typer.Option(None, *decls, help=f"{f.metadata.get('help', '')} [default: {f.default!r}]", show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind], default=option))
+
+    def command(**kwargs):
+        config_file = kwargs.pop("config")
+        try:
+            run(load_config(cls, config_file, kwargs))
+        except USER_ERRORS as error:
+            _fail(error)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = help
+    app.command(name, help=help)(command)
+
+
+def _run_sft(cfg: SFTConfig) -> None:
+    from alignkit.train.sft import run_sft
+
+    row = run_sft(cfg)
+    print({k: v for k, v in row.items() if v is not None})
+    print(f"saved to {cfg.output_dir}")
+
+
+config_command("sft", SFTConfig, _run_sft, "Supervised fine-tuning (teacher-forced cross-entropy, weighted prompt loss).")
+
+
+@app.command()
+def generate(
+    model_name_or_path: str = typer.Option("smollm2-135m-instruct", "--model_name_or_path"),
+    prompt: list[str] = typer.Option(..., "--prompt", help="repeat for a batch"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt as a user turn (chat template or separator)"),
+    system: str = typer.Option("", "--system", help="system message (with --chat)"),
+    max_new_tokens: int = typer.Option(128, "--max_new_tokens"),
+    temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy"),
+    top_p: float = typer.Option(0.95, "--top_p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    use_chat_template: str = typer.Option("auto", "--use_chat_template"),
+    separator: str = typer.Option(SFTConfig.separator, "--separator"),
+):
+    """Sample from any model."""
+    try:
+        from alignkit.data.tokenize import Formatting, prompt_text
+        from alignkit.generation import SamplingParams, generate_text
+        from alignkit.models import load_causal_lm, load_tokenizer
+
+        tokenizer = load_tokenizer(model_name_or_path)
+        model = load_causal_lm(model_name_or_path)
+        fmt = Formatting(use_chat_template, separator)
+        head = [{"role": "system", "content": system}] if system else []
+        texts = [prompt_text(tokenizer, head + [{"role": "user", "content": p}], fmt) if chat else p for p in prompt]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        for text in generate_text(model, tokenizer, texts, params):
+            print(text)
+            print("-" * 40) if len(prompt) > 1 else None
+    except USER_ERRORS as error:
+        _fail(error)
+
+
+@app.command()
+def merge(
+    adapter_dir: str = typer.Option(..., "--adapter_dir", help="a LoRA output directory"),
+    output_dir: str = typer.Option(..., "--output_dir"),
+):
+    """Fold LoRA adapters into the base model and save a plain Hugging Face model."""
+    from alignkit.models import merge_adapter
+
+    try:
+        merge_adapter(adapter_dir, output_dir)
+    except USER_ERRORS as error:
+        _fail(error)
+    print(f"merged model saved to {output_dir}")
+
+
+@data_app.command("tasks")
+def data_tasks(
+    tasks: str = typer.Option("", "--tasks", help="comma-separated built-in task names (default: all)"),
+    split: str = typer.Option("train", "--split", help="train | test"),
+    n: int = typer.Option(200, "--n", help="rows per task"),
+    seed: int = typer.Option(0, "--seed"),
+    output: str = typer.Option(..., "--output", help="JSONL file to write"),
+):
+    """Write built-in supervised tasks (arithmetic, reversal, spelling, ...) as prompt/completion JSONL."""
+    from alignkit.data import tasks as builtin
+    from alignkit.data.formats import write_jsonl
+
+    try:
+        names = [t.strip() for t in tasks.split(",") if t.strip()] or list(builtin.TASK_NAMES)
+        rows = builtin.make_mixture(names, split, n, seed)
+    except USER_ERRORS as error:
+        _fail(error)
+    write_jsonl(rows, output)
+    print(f"wrote {len(rows)} rows to {output}")
+
+
+@app.command()
+def demo(
+    model_name_or_path: str = typer.Option("smollm2-135m-instruct", "--model_name_or_path"),
+    output_dir: str = typer.Option("outputs/demo", "--output_dir"),
+    max_steps: int = typer.Option(60, "--max_steps"),
+    eval_per_task: int = typer.Option(25, "--eval_per_task"),
+):
+    """The main job: fine-tune the built-in model on built-in tasks; compare before and after."""
+    from alignkit.pipeline import run_demo
+
+    try:
+        run_demo(model_name_or_path, output_dir, max_steps, eval_per_task)
+    except USER_ERRORS as error:
+        _fail(error)
+
+
+def main() -> None:
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Config dataclasses: every knob of every stage, with the flag names transformers/TRL users know.
+
+Precedence: dataclass default < `--config FILE.yaml` < explicit command-line flag. The CLI builds its
+flags from these fields (help text from `metadata["help"]`), so a knob is declared exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def knob(default: Any, help: str, **kwargs) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Knobs shared by every trainer (SFT, reward model, DPO, PPO)."""
+
+    model_name_or_path: str = knob("smollm2-135m-instruct", "HF model dir, hub id, or built-in name")
+    dataset: str = knob("", "training data: .jsonl/.json/.csv/.parquet, a saved datasets dir, a hub id, or builtin:TASK[,TASK]")
+    eval_dataset: str = knob("", "evaluation data, same forms as --dataset")
+    dataset_split: str = knob("train", "split to read from a datasets dir or hub id")
+    output_dir: str = knob("outputs/run", "where the model, metrics.jsonl, config.yaml and checkpoints go")
+    max_steps: int = knob(-1, "optimizer steps; -1 = derive from --num_train_epochs")
+    num_train_epochs: float = knob(1.0, "passes over the training data (fractions allowed)")
+    per_device_train_batch_size: int = knob(8, "examples per micro-batch per process")
+    per_device_eval_batch_size: int = knob(16, "examples per eval batch per process")
+    gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step")
+    learning_rate: float = knob(2e-5, "peak learning rate (AdamW)")
+    lr_scheduler_type: str = knob("linear", "linear | cosine | constant | constant_with_warmup | ...")
+    warmup_ratio: float = knob(0.0, "fraction of steps spent warming up the learning rate")
+    weight_decay: float = knob(0.0, "AdamW weight decay (not applied to biases and norms)")
+    adam_beta1: float = knob(0.9, "AdamW beta1")
+    adam_beta2: float = knob(0.999, "AdamW beta2")
+    max_grad_norm: float = knob(1.0, "gradient clipping norm; 0 disables")
+    max_length: int = knob(1024, "maximum tokens per example (per packed row with --packing)")
+    truncation: str = knob("drop", "examples longer than --max_length: drop | left | right (always counted)")
+    skip_invalid: bool = knob(False, "skip invalid rows (counted and reported) instead of stopping")
+    seed: int = knob(42, "random seed (data order, initialisation, sampling)")
+    mixed_precision: str = knob("no", "no | bf16 | fp16 (where the device supports it)")
+    logging_steps: int = knob(10, "log to metrics.jsonl every N steps")
+    eval_steps: int = knob(0, "evaluate every N steps (0: only at the end, if --eval_dataset)")
+    save_steps: int = knob(0, "save a resumable checkpoint every N steps (0: none)")
+    save_total_limit: int = knob(2, "keep only the newest N checkpoints (0: keep all)")
+    resume_from_checkpoint: str = knob("", "PATH to checkpoints/step-N, or 'latest'")
+    use_peft: bool = knob(False, "train LoRA adapters instead of all weights")
+    lora_r: int = knob(16, "LoRA rank")
+    lora_alpha: int = knob(32, "LoRA alpha")
+    lora_dropout: float = knob(0.05, "LoRA dropout")
+    lora_target_modules: str = knob("all-linear", "comma-separated module names, or all-linear")
+    use_chat_template: str = knob("auto", "auto | yes | no: format with the tokenizer's chat template")
+    separator: str = knob("\n\n### Response:\n", "joins prompt and completion when no chat template is used")
+    progress: bool = knob(True, "show a progress bar")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: teacher-forced cross-entropy with per-token weights."""
+
+    learning_rate: float = knob(2e-5, "peak learning rate (AdamW)")
+    prompt_loss_weight: float = knob(0.0, "loss weight of instruction/system/user tokens (0 masks them)")
+    packing: bool = knob(False, "pack several examples per row (attention stays within each example)")
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    kind = annotation if isinstance(annotation, type) else eval(annotation, {}, {})  # "float" -> float
+    if kind is bool and isinstance(value, str):
+        return value.lower() in ("1", "true", "yes", "on")
+    return kind(value)
+
+
+def load_config(cls: type, config_file: str | None = None, overrides: dict[str, Any] | None = None):
+    """Build `cls` from defaults, then the YAML file, then explicit overrides (None = not given)."""
+    values: dict[str, Any] = {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    if config_file:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        unknown = sorted(set(loaded) - set(names))
+        if unknown:
+            raise ValueError(f"{config_file}: unknown keys {unknown}; valid keys are the flag names, e.g. {sorted(names)[:5]}")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k]) for k, v in values.items()})
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True))

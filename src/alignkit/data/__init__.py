@@ -1,0 +1,1 @@
+"""Datasets: built-in example tasks, loading and formatting."""

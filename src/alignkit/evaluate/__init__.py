@@ -1,0 +1,1 @@
+"""Evaluation: task metrics, few-shot prompting, win rates, probes."""

@@ -1,0 +1,222 @@
+"""Batched sampling with a KV cache: our own loop instead of `model.generate`.
+
+Why not `model.generate`: PPO needs the log-prob of every sampled token, computed exactly the way
+training recomputes it (log_softmax(logits / temperature) of the *unfiltered* distribution, same
+position ids, same attention mask), and the chat server / CLI need tokens streamed as they come.
+Owning the loop makes both explicit instead of depending on logits-processor internals.
+
+Conventions shared with the training-time log-prob code:
+- prompts are LEFT-padded, so every row's next token is predicted from the last column;
+- position ids are `cumsum(attention_mask) - 1` clamped at 0, so padding does not shift positions;
+- a response is right-padded with the pad id after its stop token, and masked out there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's and generation config's eos ids
+    seed: int | None = None  # set for reproducible samples (a private torch.Generator, global RNG untouched)
+
+
+class Sequences(NamedTuple):
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+
+@dataclass
+class GenerationOutput:
+    prompt_ids: torch.Tensor  # [B, P] left-padded with the pad id
+    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
+    response_ids: torch.Tensor  # [B, T] right-padded with the pad id
+    response_mask: torch.Tensor  # [B, T] 1 on generated tokens up to and including the stop token
+    logprobs: torch.Tensor  # [B, T] float32 log-prob of each sampled token; 0 where masked
+    finished: torch.Tensor  # [B] bool: the row ended on a stop token (not on max_new_tokens)
+
+    def sequences(self) -> Sequences:
+        """Prompt + response as one batch, with the mask and position ids the sampler used.
+
+        A teacher-forced forward pass over these reproduces `logprobs`: the logits at column
+        P - 1 + t predict response token t.
+        """
+        input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
+        attention_mask = torch.cat([self.prompt_mask, self.response_mask], dim=1)
+        return Sequences(input_ids, attention_mask, _position_ids(attention_mask))
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def default_stop_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """The tokenizer's eos plus the generation config's eos ids (chat models often list several)."""
+    ids = [tokenizer.eos_token_id]
+    gen_eos = getattr(getattr(_base(model), "generation_config", None), "eos_token_id", None)
+    ids += gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus to -inf. The most likely token always survives."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep.scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if top_p < 1.0:
+        # stable sort: on ties the lowest id comes first, as with argmax, so a tiny top_p is greedy
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+        probs = sorted_logits.softmax(-1)
+        # keep a token while the mass *before* it is < top_p: the smallest set reaching top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    on_token: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> GenerationOutput:
+    """Sample continuations of a batch of tokenized prompts.
+
+    `on_token(step, token_ids[B], finished[B])` runs after every step (streaming); finished rows
+    receive the pad id. The model is in eval mode during sampling (no dropout: the log-probs must
+    match a deterministic recomputation) and every submodule's mode is restored afterwards.
+    """
+    from transformers import DynamicCache
+
+    base = _base(model)
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer)
+    stop_ids = params.stop_token_ids if params.stop_token_ids is not None else default_stop_token_ids(model, tokenizer)
+    stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    greedy = params.temperature <= 0
+    temperature = 1.0 if greedy else float(params.temperature)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    prompt, prompt_mask = _left_pad(prompt_ids, pad_id, device)
+    batch, max_new = prompt.shape[0], params.max_new_tokens
+    response = torch.full((batch, max_new), pad_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros((batch, max_new), dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    # transformers 5.x renamed the cache argument `past_key_values` -> `cache` (old name deprecated);
+    # the cache is filled in place, so we never need to read it back from the output.
+    signature = inspect.signature(base.forward).parameters
+    model_kwargs = {"use_cache": True}
+    model_kwargs["cache" if "cache" in signature else "past_key_values"] = DynamicCache(config=base.config)
+    if "logits_to_keep" in signature:
+        model_kwargs["logits_to_keep"] = 1  # the prefill would otherwise build [B, P, vocab] logits
+
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        attention_mask = prompt_mask
+        position_ids = _position_ids(prompt_mask)
+        input_ids = prompt
+        steps = 0
+        for step in range(max_new):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **model_kwargs)
+            logits = out.logits[:, -1, :].float() / temperature
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                probs = _filter_logits(logits, params.top_k, params.top_p).softmax(-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            # the log-prob PPO needs: temperature-scaled but *unfiltered* distribution
+            token_logprob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+
+            active = ~finished
+            token = torch.where(active, token, torch.full_like(token, pad_id))
+            response[:, step] = token
+            response_mask[:, step] = active.long()
+            logprobs[:, step] = torch.where(active, token_logprob, torch.zeros_like(token_logprob))
+            finished = finished | (active & torch.isin(token, stop_ids))
+            steps = step + 1
+            if on_token is not None:
+                on_token(step, token, finished.clone())
+            if bool(finished.all()):
+                break
+
+            # finished rows keep decoding pad tokens; their outputs are masked, so their
+            # attention mask can simply grow with the others.
+            input_ids = token[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+    return GenerationOutput(
+        prompt_ids=prompt,
+        prompt_mask=prompt_mask,
+        response_ids=response[:, :steps],
+        response_mask=response_mask[:, :steps],
+        logprobs=logprobs[:, :steps],
+        finished=finished,
+    )
+
+
+def generate_text(model, tokenizer, prompts: list[str], params: SamplingParams, batch_size: int = 16) -> list[str]:
+    """Complete already-formatted prompt strings (chat template applied by the caller).
+
+    Prompts are batched by length to waste less compute on padding; results come back in input
+    order. With a seed, batch i uses seed + i so batches do not share random draws.
+    """
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    results: list[str] = [""] * len(prompts)
+    for batch_index, start in enumerate(range(0, len(order), batch_size)):
+        chunk = order[start : start + batch_size]
+        batch_params = params
+        if params.seed is not None:
+            batch_params = dataclasses.replace(params, seed=params.seed + batch_index)
+        out = generate(model, tokenizer, [encoded[i] for i in chunk], batch_params)
+        for row, i in enumerate(chunk):
+            ids = out.response_ids[row][out.response_mask[row].bool()].tolist()
+            results[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    return results

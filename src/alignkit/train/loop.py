@@ -1,0 +1,293 @@
+"""The one training loop every trainer uses.
+
+A trainer describes its stage with a `Stage` (examples, how to batch them, the loss); this module
+does the rest: accelerate (so `torchrun`/`accelerate launch` give DDP), AdamW, the LR schedule,
+gradient accumulation, clipping, mixed precision, periodic eval, progress, metrics.jsonl,
+checkpoints and exact resume. PPO reuses the pieces (optimizer, checkpoints, metrics) around its own
+rollout/update cycle.
+
+Normalization: the loss of one optimizer step is Σ(loss sums) / Σ(example weights) over all its
+micro-batches on all processes. Every process knows the whole step's examples (the data order is
+a pure function of the seed), so it computes that denominator locally, with no communication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from alignkit.config import TrainConfig, save_config
+
+
+@dataclass
+class Stage:
+    """What a trainer tells the loop."""
+
+    model: torch.nn.Module
+    train_examples: list
+    collate: Callable[[list], dict]  # examples -> batch of tensors
+    loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # -> (sum, metric sums)
+    weight: Callable[[Any], float]  # an example's share of the normalizer (e.g. its weighted token count)
+    num_tokens: Callable[[Any], int]  # its non-padding tokens, for throughput
+    save: Callable[[torch.nn.Module, Path], None]  # writes the final model in HF format
+    eval_examples: list | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    # without cpu=True and no GPU, each torchrun process would silently train alone
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise RuntimeError(f"launched with WORLD_SIZE={expected} but accelerate sees {accelerator.num_processes} process(es)")
+    return accelerator
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def micro_batches(num_examples: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+    """Endless stream of micro-batches (index lists), reshuffled each epoch from seed + epoch."""
+    per_epoch = math.ceil(num_examples / batch_size)
+    number = start
+    while True:
+        epoch, offset = divmod(number, per_epoch)
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for position in range(offset, per_epoch):
+            yield order[position * batch_size : (position + 1) * batch_size]
+            number += 1
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step; on resume, rows past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists() and resume_step:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
+        elif enabled and path.exists():
+            path.unlink()
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, state: dict, keep: int) -> None:
+    """Everything exact resume needs: trainable weights, optimizer, schedule, RNG, data position."""
+    from safetensors.torch import save_file
+
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(trainable_state(accelerator.unwrap_model(model)), str(directory / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "optimizer.pt")
+        (directory / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    accelerator.wait_for_everyone()
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    torch.save(rng, directory / f"rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and keep > 0:
+        for old in sorted(directory.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(spec: str, output_dir: str) -> Path | None:
+    if not spec:
+        return None
+    if spec == "latest":
+        found = sorted(Path(output_dir, "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        return found[-1] if found else None  # nothing saved yet: start from scratch
+    path = Path(spec)
+    if not (path / "trainer_state.json").exists():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a checkpoint (no trainer_state.json)")
+    return path
+
+
+def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(directory / "trainable.safetensors"))
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    saved = torch.load(directory / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng_file = directory / f"rng_{accelerator.process_index}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+    return json.loads((directory / "trainer_state.json").read_text())
+
+
+def progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def total_steps(cfg: TrainConfig, num_examples: int, world: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = cfg.gradient_accumulation_steps * world
+    return max(1, math.ceil(cfg.num_train_epochs * math.ceil(num_examples / cfg.per_device_train_batch_size) / per_step))
+
+
+@torch.no_grad()
+def evaluate(stage: Stage, accelerator, model, cfg: TrainConfig) -> dict[str, float]:
+    """Σ loss sums / Σ weights over the whole eval set, sharded over processes."""
+    model.eval()
+    examples = stage.eval_examples or []
+    totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=accelerator.device)}
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    for start in range(0, len(mine), cfg.per_device_eval_batch_size):
+        chunk = mine[start : start + cfg.per_device_eval_batch_size]
+        loss_sum, metrics = stage.loss(model, _to_device(stage.collate(chunk), accelerator.device))
+        totals["loss"] += loss_sum.detach().float()
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0) + value.detach().float()
+    model.train()
+    denominator = sum(stage.weight(e) for e in examples)
+    reduced = {k: accelerator.reduce(v, reduction="sum").item() / max(denominator, 1e-12) for k, v in sorted(totals.items())}
+    return {f"eval_{k}": v for k, v in reduced.items()}
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(stage: Stage, cfg: TrainConfig) -> dict:
+    """Run the optimizer steps; write metrics, checkpoints and the final model to cfg.output_dir."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    model = stage.model
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    steps = total_steps(cfg, len(stage.train_examples), world)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = {"step": 0, "tokens": 0}
+    checkpoint = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, state["step"])
+
+    per_step = cfg.gradient_accumulation_steps * world
+    stream = micro_batches(len(stage.train_examples), cfg.per_device_train_batch_size, cfg.seed, state["step"] * per_step)
+    micro_per_epoch = math.ceil(len(stage.train_examples) / cfg.per_device_train_batch_size)
+    window = {"loss": torch.zeros((), device=accelerator.device)}
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    last_row: dict = {}
+
+    with progress_bar(cfg.progress and accelerator.is_main_process) as progress:
+        bar = progress.add_task("train", total=steps, completed=state["step"], status="")
+        while state["step"] < steps:
+            step_batches = [[stage.train_examples[i] for i in next(stream)] for _ in range(per_step)]
+            denominator = sum(stage.weight(e) for batch in step_batches for e in batch)
+            step_tokens = sum(stage.num_tokens(e) for batch in step_batches for e in batch)
+            mine = step_batches[rank::world]
+            for index, examples in enumerate(mine):
+                batch = _to_device(stage.collate(examples), accelerator.device)
+                sync = index == len(mine) - 1
+                with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                    loss_sum, metrics = stage.loss(model, batch)
+                    # DDP averages gradients over processes; scale so the result is the step's sum / denominator
+                    accelerator.backward(loss_sum * (world / denominator))
+                window["loss"] += loss_sum.detach().float() / denominator
+                for key, value in metrics.items():
+                    window[key] = window.get(key, 0) + value.detach().float() / denominator
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["tokens"] += step_tokens
+            window_steps += 1
+            window_tokens += step_tokens
+            step = state["step"]
+
+            if step % cfg.logging_steps == 0 or step == steps:
+                elapsed = time.perf_counter() - window_start
+                reduced = {k: accelerator.reduce(v, reduction="sum").item() / window_steps for k, v in window.items()}
+                last_row = {
+                    "step": step,
+                    "epoch": round(step * per_step / micro_per_epoch, 4),
+                    **reduced,
+                    "learning_rate": learning_rate,
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "tokens": state["tokens"],
+                    "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                }
+                log.write(last_row)
+                progress.update(bar, status=f"loss {reduced['loss']:.4f}  {last_row['tokens_per_second']:.0f} tok/s")
+                window = {key: torch.zeros((), device=accelerator.device) for key in window}
+                window_steps, window_tokens = 0, 0
+            if stage.eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps):
+                eval_row = {"step": step, **evaluate(stage, accelerator, model, cfg)}
+                log.write(eval_row)
+                last_row = {**last_row, **eval_row}
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                save_checkpoint(output_dir / "checkpoints" / f"step-{step}", accelerator, model, optimizer, scheduler, dict(state), cfg.save_total_limit)
+            if window_steps == 0:
+                window_start = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
+            progress.update(bar, completed=step)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        stage.save(accelerator.unwrap_model(model), output_dir)
+    accelerator.wait_for_everyone()
+    return last_row
