@@ -113,11 +113,24 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+@contextlib.contextmanager
+def _explained(name_or_path: str):
+    """Turn transformers' long OSError for an unknown/offline hub id into one clear sentence."""
+    try:
+        yield
+    except OSError as error:
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: not a local model directory, a built-in name ({', '.join(BUILTIN_MODELS)}), "
+            f"or a hub id available offline ({str(error).splitlines()[0]})"
+        ) from None
+
+
 def load_tokenizer(name_or_path: str):
     """Tokenizer with a pad token (eos when the model has none: masks, not the pad id, mark padding)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    with _explained(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -132,7 +145,8 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
         from peft import AutoPeftModelForCausalLM
 
         return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, is_trainable=True)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with _explained(name_or_path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
 @dataclass

@@ -4,7 +4,7 @@ Every row keeps where it came from (`file:line`), so every error names the file,
 field, and says what to do. Invalid rows stop the run unless `skip_invalid`, in which case they are
 counted per reason and reported.
 
-SFT formats (detected per file from the first row's keys):
+SFT formats (detected per file from the keys of its first row that fits one; in .csv, message lists are JSON):
   text               {"text"}                                   plain LM: loss on every token
   prompt_completion  {"prompt","completion"}                    strings or message lists
   alpaca             {"instruction","input"?,"output"}
@@ -16,10 +16,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROLES = ("system", "user", "assistant")
 
@@ -36,7 +37,7 @@ class DataError(ValueError):
 @dataclass
 class Row:
     data: dict
-    where: str  # "path:line" (jsonl, csv), "path item N" (json), "path row N" (parquet, datasets)
+    where: str  # "path:line" (jsonl, csv), "path item N" (json), "path row N" (parquet, datasets, hub, builtin)
 
 
 @dataclass
@@ -67,27 +68,25 @@ class InvalidRows:
 def read_rows(source: str, split: str = "train", invalid: InvalidRows | None = None) -> list[Row]:
     """Rows of a .jsonl/.json/.csv/.parquet file, a saved `datasets` directory, or a hub dataset id."""
     invalid = invalid or InvalidRows()
+    return [item for item in _read(source, split) if isinstance(item, Row) or invalid.report(item)]  # report: raise, or count
+
+
+def _read(source: str, split: str) -> list[Row | DataError]:
+    """Rows and unreadable rows, in file order (so the first bad row reported is the first in the file)."""
     if source.startswith("builtin:"):
         return _read_builtin(source, split)
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_dir():
         return _read_datasets_dir(path, split)
-    if suffix in (".jsonl", ".json", ".csv", ".parquet") and not path.exists():
-        raise FileNotFoundError(f"{source}: no such file")
-    if suffix == ".jsonl":
-        return _read_jsonl(path, invalid)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            # DictReader's line_num counts physical lines; the header is line 1
-            reader = csv.DictReader(handle)
-            return [Row(dict(r), f"{source}:{reader.line_num}") for r in reader]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [Row(r, f"{source} row {i + 1}") for i, r in enumerate(pq.read_table(path).to_pylist())]
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if suffix in readers:
+        if not path.exists():
+            raise FileNotFoundError(f"{source}: no such file")
+        try:
+            return list(readers[suffix](path))
+        except UnicodeDecodeError as error:
+            raise DataError(source, f"not UTF-8 text ({error.reason}); save it as UTF-8") from None
     if os.path.exists(source):
         raise DataError(source, f"unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet or a datasets directory")
     return _read_hub(source, split)
@@ -97,47 +96,77 @@ def _read_builtin(source: str, split: str) -> list[Row]:
     """`builtin:TASK[,TASK...][:N]`: N rows per built-in task (default 500 train / 100 test)."""
     from alignkit.data import tasks
 
-    spec = source[len("builtin:"):]
-    names, _, count = spec.partition(":")
+    names, _, count = source[len("builtin:"):].partition(":")
+    if count and not count.isdigit():
+        raise DataError(source, f"N must be a whole number, got {count!r}: use builtin:TASK[,TASK...][:N]")
     n = int(count) if count else (500 if split == "train" else 100)
-    rows = tasks.make_mixture([name.strip() for name in names.split(",")], split, n, seed=0)
-    return [Row(r, f"{source}[{split}] row {i + 1}") for i, r in enumerate(rows)]
+    try:
+        rows = tasks.make_mixture([name.strip() for name in names.split(",")], split, n, seed=0)
+    except ValueError as error:  # unknown task (lists the valid names), split or N too large
+        raise DataError(source, str(error)) from None
+    return [Row(r, f"{source} ({split}) row {i + 1}") for i, r in enumerate(rows)]
 
 
-def _read_jsonl(path: Path, invalid: InvalidRows) -> list[Row]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def _read_jsonl(path: Path) -> Iterator[Row | DataError]:
+    with open(path, "rb") as handle:  # bytes, so that one line that is not UTF-8 is one bad row
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue  # a blank line holds no row, but counts: errors name physical lines
             where = f"{path}:{number}"
             try:
-                data = json.loads(line)
+                data = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+            except UnicodeDecodeError as error:
+                yield DataError(where, f"not UTF-8 text ({error.reason} at byte {error.start + 1})", reason="not UTF-8")
             except json.JSONDecodeError as error:
-                invalid.report(DataError(where, f"malformed JSON ({error.msg} at column {error.colno})", reason="malformed JSON"))
-                continue
-            if not isinstance(data, dict):
-                invalid.report(DataError(where, f"expected a JSON object, got {type(data).__name__}", reason="not a JSON object"))
-                continue
-            rows.append(Row(data, where))
-    return rows
+                yield DataError(where, f"malformed JSON ({error.msg} at column {error.colno})", reason="malformed JSON")
+            else:
+                yield Row(data, where) if isinstance(data, dict) else DataError(where, f"expected a JSON object, got {type(data).__name__}", reason="not a JSON object")
 
 
-def _read_json(path: Path) -> list[Row]:
+def _read_json(path: Path) -> Iterator[Row | DataError]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{error.lineno}", f"malformed JSON ({error.msg}); a .json file holds one list of objects") from None
+        hint = "a .json file holds one list of objects; for one object per line use .jsonl"
+        raise DataError(f"{path}:{error.lineno}", f"malformed JSON ({error.msg} at column {error.colno}); {hint}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(str(path), "a .json file must hold a list of objects (or {\"data\": [...]}); for one object per line use .jsonl")
-    rows = []
     for i, item in enumerate(data):
-        if not isinstance(item, dict):
-            raise DataError(f"{path} item {i + 1}", f"expected an object, got {type(item).__name__}")
-        rows.append(Row(item, f"{path} item {i + 1}"))
-    return rows
+        where = f"{path} item {i + 1}"
+        yield Row(item, where) if isinstance(item, dict) else DataError(where, f"expected an object, got {type(item).__name__}", reason="not a JSON object")
+
+
+def _cell(key: str, value: str | None) -> Any:
+    """A CSV cell of messages/prompt/completion that holds a JSON list of messages -> that list."""
+    if key in ("messages", "prompt", "completion") and re.match(r"\s*\[\s*\{", value or ""):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass  # stays a string: reported as the wrong type where a list is needed
+    return value
+
+
+def _read_csv(path: Path) -> Iterator[Row | DataError]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
+        reader = csv.DictReader(handle)  # line_num counts physical lines; the header is line 1
+        try:
+            for record in reader:  # a quoted cell may span lines: name the line where the row starts
+                start = reader.line_num - sum(v.count("\n") for v in record.values() if isinstance(v, str))
+                where = f"{path}:{start}"
+                if None in record:
+                    yield DataError(where, f"{len(record[None])} more value(s) than the header has columns", reason="malformed CSV row")
+                else:
+                    yield Row({key: _cell(key, value) for key, value in record.items()}, where)
+        except csv.Error as error:
+            raise DataError(f"{path}:{reader.line_num}", f"malformed CSV ({error})") from None
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    return [Row(r, f"{path} row {i + 1}") for i, r in enumerate(pq.read_table(path).to_pylist())]
 
 
 def _read_datasets_dir(path: Path, split: str) -> list[Row]:
@@ -158,14 +187,14 @@ def _read_hub(dataset_id: str, split: str) -> list[Row]:
         loaded = datasets.load_dataset(dataset_id, split=split)
     except Exception as error:  # offline, unknown id, gated: all end here with the cause
         raise DataError(dataset_id, f"not a file or directory, and loading it from the hub failed: {error}") from None
-    return [Row(r, f"{dataset_id}[{split}] row {i + 1}") for i, r in enumerate(loaded)]
+    return [Row(r, f"{dataset_id} ({split}) row {i + 1}") for i, r in enumerate(loaded)]
 
 
 # ---------------------------------------------------------------------------------------------
 # SFT formats
 
 
-def detect_sft_format(row: Row) -> str:
+def _format_of(row: Row) -> str | None:
     keys = set(row.data)
     if "messages" in keys:
         return "messages"
@@ -173,11 +202,16 @@ def detect_sft_format(row: Row) -> str:
         return "alpaca"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
-    if "text" in keys:
-        return "text"
+    return "text" if "text" in keys else None
+
+
+def detect_sft_format(row: Row) -> str:
+    fmt = _format_of(row)
+    if fmt:
+        return fmt
     raise DataError(
         row.where,
-        f"cannot tell the format from its fields {sorted(keys)}; expected one of: "
+        f"cannot tell the format from its fields {sorted(map(str, row.data))}; expected one of: "
         '{"text"}, {"prompt","completion"}, {"instruction","input","output"}, {"messages":[...]}',
         reason="unknown format",
     )
@@ -194,38 +228,58 @@ def _string(row: Row, name: str, allow_empty: bool = False) -> str:
     return value
 
 
-def validate_messages(messages: Any, where: str, field: str = "messages", need_final_assistant: bool = True) -> list[dict]:
-    """Check a chat: optional system first, then user/assistant alternating, starting with user."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(where, "must be a non-empty list of {role, content} objects", field=field, reason=f"bad '{field}'")
-    clean = []
-    for i, message in enumerate(messages):
-        name = f"{field}[{i}]"
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(where, "must be an object with 'role' and 'content'", field=name, reason="bad message")
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise DataError(where, f"role {role!r} is not one of {ROLES}", field=f"{name}.role", reason="unknown role")
-        if not isinstance(content, str):
-            raise DataError(where, f"content must be a string, got {type(content).__name__}", field=f"{name}.content", reason="wrong type in content")
-        if role == "assistant" and not content.strip():
-            raise DataError(where, "assistant message is empty", field=f"{name}.content", reason="empty response")
-        clean.append({"role": role, "content": content})
-    turns = clean[1:] if clean[0]["role"] == "system" else clean
-    for i, message in enumerate(turns):
+def _message(message: Any, where: str, name: str) -> dict:
+    if not isinstance(message, dict):
+        raise DataError(where, f"must be a {{role, content}} object, got {type(message).__name__}", field=name, reason="bad message")
+    for key in ("role", "content"):
+        if message.get(key) is None:
+            raise DataError(where, "missing", field=f"{name}.{key}", reason=f"message without '{key}'")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise DataError(where, f"role {role!r} is not one of {ROLES}", field=f"{name}.role", reason="unknown role")
+    if not isinstance(content, str):
+        raise DataError(where, f"must be a string, got {type(content).__name__}", field=f"{name}.content", reason="wrong type in content")
+    if role == "assistant" and not content.strip():
+        raise DataError(where, "assistant message is empty", field=f"{name}.content", reason="empty response")
+    return {"role": role, "content": content}
+
+
+def _message_list(value: Any, where: str, field: str) -> list[tuple[str, dict]]:
+    """(field name, clean message) for each message of a list."""
+    if value is None:
+        raise DataError(where, "missing", field=field, reason=f"missing field '{field}'")
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if isinstance(value, list) else type(value).__name__
+        raise DataError(where, f"must be a non-empty list of {{role, content}} objects, got {got}", field=field, reason=f"bad '{field}'")
+    return [(f"{field}[{i}]", _message(m, where, f"{field}[{i}]")) for i, m in enumerate(value)]
+
+
+def _check_turns(named: list[tuple[str, dict]], where: str, need_final_assistant: bool) -> list[dict]:
+    """Optional system first, then user/assistant alternating, starting with user."""
+    start = 1 if named[0][1]["role"] == "system" else 0
+    for i, (name, message) in enumerate(named[start:]):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
-            index = i + (len(clean) - len(turns))
-            raise DataError(
-                where,
-                f"role sequence makes no sense: expected {expected!r} here, got {message['role']!r} "
-                "(after an optional system message, turns alternate user, assistant, user, ...)",
-                field=f"{field}[{index}].role",
-                reason="bad role sequence",
-            )
-    if need_final_assistant and (not turns or turns[-1]["role"] != "assistant"):
-        raise DataError(where, "the conversation must end with an assistant message (nothing to learn otherwise)", field=field, reason="no final assistant turn")
-    return clean
+            rule = "a system message may only come first" if message["role"] == "system" else "turns alternate user, assistant, ..."
+            got = f"role sequence makes no sense: expected {expected!r} here, got {message['role']!r} ({rule})"
+            raise DataError(where, got, field=f"{name}.role", reason="bad role sequence")
+    name, last = named[-1]
+    if need_final_assistant and last["role"] != "assistant":
+        message = f"the conversation ends with {last['role']!r}: it must end with an assistant message (nothing to learn otherwise)"
+        raise DataError(where, message, field=f"{name}.role", reason="no final assistant turn")
+    return [message for _, message in named]
+
+
+def validate_messages(messages: Any, where: str, field: str = "messages", need_final_assistant: bool = True) -> list[dict]:
+    """Check a chat: optional system first, then user/assistant alternating, starting with user."""
+    return _check_turns(_message_list(messages, where, field), where, need_final_assistant)
+
+
+def _part(row: Row, name: str, role: str) -> list[tuple[str, dict]]:
+    """The prompt or completion of a conversational row as messages; a plain string is one message."""
+    if isinstance(row.data.get(name), str):
+        return [(name, {"role": role, "content": _string(row, name)})]
+    return _message_list(row.data.get(name), row.where, name)
 
 
 def sft_example(row: Row, fmt: str) -> dict:
@@ -235,17 +289,15 @@ def sft_example(row: Row, fmt: str) -> dict:
         return {"text": _string(row, "text")}
     if fmt == "alpaca":
         instruction = _string(row, "instruction")
-        extra = data.get("input") or ""
+        extra = "" if data.get("input") is None else data["input"]
         if not isinstance(extra, str):
             raise DataError(row.where, f"must be a string, got {type(extra).__name__}", field="input", reason="wrong type in 'input'")
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": _string(row, "output")}]}
     if fmt == "prompt_completion":
         prompt, completion = data.get("prompt"), data.get("completion")
-        if isinstance(prompt, list) or isinstance(completion, list):  # conversational prompt-completion
-            prompt_msgs = validate_messages(prompt, row.where, "prompt", need_final_assistant=False)
-            completion_msgs = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-            return {"messages": validate_messages(prompt_msgs + completion_msgs, row.where, "completion")}
+        if isinstance(prompt, list) or isinstance(completion, list):  # conversational (TRL): message lists
+            return {"messages": _check_turns(_part(row, "prompt", "user") + _part(row, "completion", "assistant"), row.where, True)}
         return {"messages": [{"role": "user", "content": _string(row, "prompt")}, {"role": "assistant", "content": _string(row, "completion")}]}
     if fmt == "messages":
         return {"messages": validate_messages(data.get("messages"), row.where)}
@@ -255,14 +307,19 @@ def sft_example(row: Row, fmt: str) -> dict:
 def load_sft_examples(source: str, split: str = "train", invalid: InvalidRows | None = None) -> tuple[list[dict], str]:
     """Read, detect the format of, and validate an SFT data source -> (examples, format name)."""
     invalid = invalid or InvalidRows()
-    rows = read_rows(source, split, invalid)
+    items = _read(source, split)
+    rows = [item for item in items if isinstance(item, Row)]
     if not rows:
-        raise DataError(source, "no rows found (empty file?)")
-    fmt = detect_sft_format(rows[0])
+        unreadable = len(items) - len(rows)
+        raise DataError(source, f"no readable rows ({unreadable} unreadable, the first: {items[0]})" if items else "no rows found (empty file?)")
+    # the first row whose fields fit a format decides the file's format; rows that do not fit it are invalid
+    fmt = next(filter(None, map(_format_of, rows)), None) or detect_sft_format(rows[0])
     examples = []
-    for row in rows:
+    for item in items:
         try:
-            examples.append(sft_example(row, fmt))
+            if isinstance(item, DataError):
+                raise item
+            examples.append(sft_example(item, fmt))
         except DataError as error:
             invalid.report(error)
     return examples, fmt
