@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import sys
 import typing
 from typing import Callable, Optional
@@ -60,8 +61,9 @@ def _run_sft(cfg: SFTConfig) -> None:
     from alignkit.train.sft import run_sft
 
     row = run_sft(cfg)
-    print({k: v for k, v in row.items() if v is not None})
-    print(f"saved to {cfg.output_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one summary, not one per torchrun process
+        print({k: v for k, v in row.items() if v is not None})
+        print(f"saved to {cfg.output_dir}")
 
 
 config_command("sft", SFTConfig, _run_sft, "Supervised fine-tuning (teacher-forced cross-entropy, weighted prompt loss).")
