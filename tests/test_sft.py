@@ -12,6 +12,7 @@ from alignkit.config import SFTConfig
 from alignkit.data import tasks
 from alignkit.data.formats import write_jsonl
 from alignkit.data.tokenize import Formatting, tokenize_example
+from alignkit.train.loop import find_checkpoint
 from alignkit.train.sft import collate, pack_examples, SFTExample, sft_loss
 
 
@@ -54,10 +55,11 @@ def direct_loss(model_dir, data, prompt_loss_weight):
 
 @pytest.mark.parametrize("prompt_loss_weight", [0.0, 0.5, 1.0])
 def test_logged_step_one_loss_equals_direct_computation(tmp_path, tiny_model_dir, data_file, prompt_loss_weight):
-    rows = run(tmp_path, tiny_model_dir, data_file, prompt_loss_weight=prompt_loss_weight)
+    rows = run(tmp_path, tiny_model_dir, data_file, prompt_loss_weight=prompt_loss_weight, eval_dataset=str(data_file))
     expected = direct_loss(tiny_model_dir, data_file, prompt_loss_weight)
     assert rows[0]["step"] == 1
     assert math.isclose(rows[0]["loss"], expected, rel_tol=1e-5)
+    assert math.isclose(rows[1]["eval_loss"], expected, rel_tol=1e-5)  # lr 0: the model did not move
 
 
 def test_prompt_weights_change_the_loss_as_defined(tmp_path, tiny_model_dir, data_file):
@@ -117,6 +119,7 @@ def test_resume_is_exact(tmp_path, tiny_model_dir, data_file):
     first = run(tmp_path / "resumed", tiny_model_dir, data_file, **{**common, "max_steps": 4, "save_steps": 2})
     checkpoint = tmp_path / "resumed/out/checkpoints/step-2"
     assert (checkpoint / "trainer_state.json").exists()
+    assert find_checkpoint("latest", str(tmp_path / "resumed/out")) == tmp_path / "resumed/out/checkpoints/step-4"
     again = run(tmp_path / "resumed", tiny_model_dir, data_file, resume_from_checkpoint=str(checkpoint), **common)
     assert [r["step"] for r in again] == [1, 2, 3, 4]  # rows after the checkpoint were rewritten
     for a, b in zip(straight, again):

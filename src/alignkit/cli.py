@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import typer
 
-from alignkit.config import SFTConfig, load_config
+from alignkit.config import DPOConfig, RMConfig, SFTConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="From a pretrained LM to an aligned assistant.")
 data_app = typer.Typer(no_args_is_help=True, help="Build instruction data sets.")
@@ -60,13 +60,30 @@ def config_command(name: str, cls: type, run: Callable, help: str) -> None:
 def _run_sft(cfg: SFTConfig) -> None:
     from alignkit.train.sft import run_sft
 
-    row = run_sft(cfg)
+    _summarize(run_sft(cfg), cfg)
+
+
+def _summarize(row: dict, cfg) -> None:
     if os.environ.get("RANK", "0") == "0":  # one summary, not one per torchrun process
         print({k: v for k, v in row.items() if v is not None})
         print(f"saved to {cfg.output_dir}")
 
 
+def _run_rm(cfg: RMConfig) -> None:
+    from alignkit.train.rm import run_rm
+
+    _summarize(run_rm(cfg), cfg)
+
+
+def _run_dpo(cfg: DPOConfig) -> None:
+    from alignkit.train.dpo import run_dpo
+
+    _summarize(run_dpo(cfg), cfg)
+
+
 config_command("sft", SFTConfig, _run_sft, "Supervised fine-tuning (teacher-forced cross-entropy, weighted prompt loss).")
+config_command("rm", RMConfig, _run_rm, "Train a reward model on comparisons: −log σ(r_better − r_worse).")
+config_command("dpo", DPOConfig, _run_dpo, "Direct preference optimization (and IPO, SLiC, robust, SimPO, RPO).")
 
 
 @app.command()

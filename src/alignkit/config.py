@@ -93,3 +93,26 @@ def load_config(cls: type, config_file: str | None = None, overrides: dict[str, 
 
 def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True))
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward model: the LM with a scalar head, trained on comparisons with −log σ(r_w − r_l − margin)."""
+
+    learning_rate: float = knob(1e-5, "peak learning rate (AdamW)")
+    center_rewards_coefficient: float = knob(0.0, "adds c·(r_w + r_l)² to keep rewards centred at 0")
+    normalize_dataset: str = knob("", "after training, shift the head's bias so these responses (prompt/completion rows) score 0 on average")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimization and its variants: no reward model, no sampling."""
+
+    learning_rate: float = knob(1e-6, "peak learning rate (AdamW)")
+    beta: float = knob(0.1, "β: strength of the implicit KL constraint to the reference")
+    loss_type: str = knob("sigmoid", "sigmoid (DPO) | ipo | hinge (SLiC) | robust | simpo (reference-free)")
+    label_smoothing: float = knob(0.0, "ε: assumed fraction of flipped labels (conservative DPO, robust)")
+    simpo_gamma: float = knob(0.5, "γ: target reward margin of simpo")
+    sft_weight: float = knob(0.0, "adds this weight × NLL of the chosen response (RPO)")
+    ref_model: str = knob("", "reference model (default: the starting policy; with LoRA, the adapter disabled)")
+    precompute_ref_log_probs: bool = knob(False, "compute reference log-probs once before training, then free the reference")
