@@ -73,7 +73,7 @@ def read_rows(source: str, split: str = "train", invalid: InvalidRows | None = N
 
 def _read(source: str, split: str) -> list[Row | DataError]:
     """Rows and unreadable rows, in file order (so the first bad row reported is the first in the file)."""
-    if source.startswith("builtin:"):
+    if source.startswith(("builtin:", "builtin_pref:")):
         return _read_builtin(source, split)
     path = Path(source)
     suffix = path.suffix.lower()
@@ -93,15 +93,21 @@ def _read(source: str, split: str) -> list[Row | DataError]:
 
 
 def _read_builtin(source: str, split: str) -> list[Row]:
-    """`builtin:TASK[,TASK...][:N]`: N rows per built-in task (default 500 train / 100 test)."""
+    """`builtin:TASK[,TASK...][:N]`: N rows per built-in task (default 500 train / 100 test);
+    `builtin_pref:TASK[...][:N]`: preference pairs made from them."""
     from alignkit.data import tasks
 
-    names, _, count = source[len("builtin:"):].partition(":")
+    kind, _, spec = source.partition(":")
+    names, _, count = spec.partition(":")
     if count and not count.isdigit():
         raise DataError(source, f"N must be a whole number, got {count!r}: use builtin:TASK[,TASK...][:N]")
     n = int(count) if count else (500 if split == "train" else 100)
     try:
-        rows = tasks.make_mixture([name.strip() for name in names.split(",")], split, n, seed=0)
+        names = [name.strip() for name in names.split(",")]
+        if kind == "builtin_pref":  # preference pairs: the right answer over a wrong one
+            rows = [row for name in names for row in tasks.make_preferences(name, split, n, seed=0)]
+        else:
+            rows = tasks.make_mixture(names, split, n, seed=0)
     except ValueError as error:  # unknown task (lists the valid names), split or N too large
         raise DataError(source, str(error)) from None
     return [Row(r, f"{source} ({split}) row {i + 1}") for i, r in enumerate(rows)]

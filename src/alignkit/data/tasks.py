@@ -231,6 +231,27 @@ def make_mixture(names: list[str] | tuple[str, ...], split: str, n_per_task: int
     return rows
 
 
+def _wrong_answer(row: dict, others: list[dict]) -> str:
+    if row["task"] == "comparison":  # the tempting mistake: the other number
+        first, second = (n.strip(" ?.") for n in row["prompt"].split(",")[1].replace(" or ", ",").split(",")[-2:])
+        return first if row["completion"] == second else second
+    return next(o["completion"] for o in others if o["completion"] != row["completion"])
+
+
+def make_preferences(name: str, split: str, n: int, seed: int = 0) -> list[dict]:
+    """n preference pairs from a task: {"prompt", "chosen": right answer, "rejected": a wrong one, "task"}.
+
+    For `comparison` the rejected answer is the smaller number (right format, wrong choice), elsewhere
+    the answer of another item of the same task. Built-in data for reward models and DPO.
+    """
+    rows = make_task(name, split, n, seed)
+    pairs = []
+    for index, row in enumerate(rows):
+        others = rows[index + 1 :] + rows[:index]
+        pairs.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": _wrong_answer(row, others), "task": name})
+    return pairs
+
+
 _QUOTES = [('"', '"'), ("'", "'"), ("`", "`"), ("\u201c", "\u201d"), ("\u2018", "\u2019")]
 
 

@@ -164,3 +164,16 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
             room -= size
         bisect.insort(free, (room, number))
     return bins
+
+
+def pad_right(rows: list[list[int]], pad_id: int):
+    """Right-pad token rows into (input_ids [B, T], attention_mask [B, T]) tensors."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
