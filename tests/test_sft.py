@@ -142,11 +142,13 @@ def test_saved_model_reloads_with_plain_transformers(tmp_path, tiny_model_dir, d
     assert torch.equal(model.state_dict()["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
 
 
-def test_sft_learns_a_task_and_generalizes_to_held_out_items(tmp_path, tiny_model_dir):
+def test_sft_learns_a_task_and_generalizes_to_held_out_items(tmp_path):
     """A random tiny model learns 'which number is larger' from 2,000 examples; test items are unseen pairs."""
     from alignkit.evaluate.tasks import exact_match_eval
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.models import load_causal_lm, load_tokenizer, make_tiny_model
     from alignkit.train.sft import formatting
+
+    tiny_model_dir = make_tiny_model(tmp_path / "model", hidden_size=128, num_layers=2)  # 64 wide learns it only sometimes
 
     data = tmp_path / "train.jsonl"
     write_jsonl(tasks.make_task("comparison", "train", 2000, seed=0), data)
@@ -158,4 +160,4 @@ def test_sft_learns_a_task_and_generalizes_to_held_out_items(tmp_path, tiny_mode
     tokenizer = load_tokenizer(str(tiny_model_dir))
     before = exact_match_eval(load_causal_lm(str(tiny_model_dir)), tokenizer, test_rows, formatting(cfg), max_new_tokens=6)
     after = exact_match_eval(load_causal_lm(str(tmp_path / "out")), tokenizer, test_rows, formatting(cfg), max_new_tokens=6)
-    assert before["exact_match"] < 0.1 and after["exact_match"] >= 0.7
+    assert before["exact_match"] < 0.1 and after["exact_match"] >= 0.85  # measured 0.97

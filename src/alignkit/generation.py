@@ -201,22 +201,31 @@ def generate(
     )
 
 
-def generate_text(model, tokenizer, prompts: list[str], params: SamplingParams, batch_size: int = 16) -> list[str]:
+def generate_text(model, tokenizer, prompts: list[str], params: SamplingParams, batch_size: int = 16, progress: str = "") -> list[str]:
     """Complete already-formatted prompt strings (chat template applied by the caller).
 
     Prompts are batched by length to waste less compute on padding; results come back in input
-    order. With a seed, batch i uses seed + i so batches do not share random draws.
+    order. With a seed, batch i uses seed + i so batches do not share random draws. A non-empty
+    `progress` names a progress bar over the prompts.
     """
+    from rich.progress import Progress
+
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[str] = [""] * len(prompts)
-    for batch_index, start in enumerate(range(0, len(order), batch_size)):
-        chunk = order[start : start + batch_size]
-        batch_params = params
-        if params.seed is not None:
-            batch_params = dataclasses.replace(params, seed=params.seed + batch_index)
-        out = generate(model, tokenizer, [encoded[i] for i in chunk], batch_params)
-        for row, i in enumerate(chunk):
-            ids = out.response_ids[row][out.response_mask[row].bool()].tolist()
-            results[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(progress or "generate", total=len(prompts))
+        for batch_index, start in enumerate(range(0, len(order), batch_size)):
+            _generate_batch(model, tokenizer, encoded, order[start : start + batch_size], params, batch_index, results)
+            bar.advance(task, min(batch_size, len(order) - start))
     return results
+
+
+def _generate_batch(model, tokenizer, encoded, chunk, params, batch_index, results) -> None:
+    """Fill results[i] for the prompt indices in `chunk`."""
+    if params.seed is not None:
+        params = dataclasses.replace(params, seed=params.seed + batch_index)
+    out = generate(model, tokenizer, [encoded[i] for i in chunk], params)
+    for row, i in enumerate(chunk):
+        ids = out.response_ids[row][out.response_mask[row].bool()].tolist()
+        results[i] = tokenizer.decode(ids, skip_special_tokens=True)

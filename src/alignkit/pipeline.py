@@ -54,11 +54,11 @@ def run_demo(model_name_or_path: str, output_dir: str, max_steps: int, eval_per_
     tokenizer = load_tokenizer(model_name_or_path)
 
     console.rule("[bold]1/3 the built-in model before fine-tuning")
-    before = exact_match_eval(load_causal_lm(model_name_or_path), tokenizer, test_rows, formatting(cfg))
+    before = exact_match_eval(load_causal_lm(model_name_or_path), tokenizer, test_rows, formatting(cfg), progress="answering")
     console.rule("[bold]2/3 supervised fine-tuning")
     run_sft(cfg)
     console.rule("[bold]3/3 the fine-tuned model")
-    after = exact_match_eval(load_causal_lm(cfg.output_dir), tokenizer, test_rows, formatting(cfg))
+    after = exact_match_eval(load_causal_lm(cfg.output_dir), tokenizer, test_rows, formatting(cfg), progress="answering")
 
     table = Table(title=f"exact match on held-out built-in tasks ({eval_per_task} per task)")
     for column in ("task", "before", "after"):
