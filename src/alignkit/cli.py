@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import typer
 
-from alignkit.config import DPOConfig, RMConfig, SFTConfig, load_config
+from alignkit.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="From a pretrained LM to an aligned assistant.")
 data_app = typer.Typer(no_args_is_help=True, help="Build instruction data sets.")
@@ -81,9 +81,16 @@ def _run_dpo(cfg: DPOConfig) -> None:
     _summarize(run_dpo(cfg), cfg)
 
 
+def _run_ppo(cfg: PPOConfig) -> None:
+    from alignkit.train.ppo import run_ppo
+
+    _summarize(run_ppo(cfg), cfg)
+
+
 config_command("sft", SFTConfig, _run_sft, "Supervised fine-tuning (teacher-forced cross-entropy, weighted prompt loss).")
 config_command("rm", RMConfig, _run_rm, "Train a reward model on comparisons: −log σ(r_better − r_worse).")
 config_command("dpo", DPOConfig, _run_dpo, "Direct preference optimization (and IPO, SLiC, robust, SimPO, RPO).")
+config_command("ppo", PPOConfig, _run_ppo, "RL from a reward: PPO (value head + GAE), or critic-free RLOO/GRPO, with a KL penalty to the reference.")
 
 
 @app.command()
@@ -133,6 +140,29 @@ def merge(
     print(f"merged model saved to {output_dir}")
 
 
+@app.command()
+def score(
+    reward_model: str = typer.Option(..., "--reward_model", help="a reward model directory (an `alignkit rm` output)"),
+    dataset: str = typer.Option(..., "--dataset", help="prompt/response rows (any SFT format) or preference rows"),
+    output: str = typer.Option(..., "--output", help="JSONL to write: each row plus its reward(s)"),
+    dataset_split: str = typer.Option("train", "--dataset_split", help="split of a datasets dir or hub id"),
+    batch_size: int = typer.Option(16, "--batch_size"),
+    skip_invalid: bool = typer.Option(False, "--skip_invalid/--no_skip_invalid", help="skip (and count) invalid rows"),
+    progress: bool = typer.Option(True, "--progress/--no_progress"),
+):
+    """Score responses with a reward model; for preference rows, also whether it agrees with the labels."""
+    from alignkit.rewards import score_file
+
+    try:
+        summary = score_file(reward_model, dataset, output, dataset_split, batch_size, skip_invalid, progress)
+    except USER_ERRORS as error:
+        _fail(error)
+    print(summary)
+    if "accuracy" in summary:
+        print(f"the reward model agrees with {summary['accuracy']:.1%} of the preferences")
+    print(f"wrote {summary['rows']} rows to {output}")
+
+
 @data_app.command("tasks")
 def data_tasks(
     tasks: str = typer.Option("", "--tasks", help="comma-separated built-in task names (default: all)"),
@@ -159,7 +189,7 @@ def demo(
     model_name_or_path: str = typer.Option("smollm2-135m-instruct", "--model_name_or_path"),
     output_dir: str = typer.Option("outputs/demo", "--output_dir"),
     max_steps: int = typer.Option(60, "--max_steps"),
-    eval_per_task: int = typer.Option(25, "--eval_per_task"),
+    eval_per_task: int = typer.Option(15, "--eval_per_task"),
 ):
     """The main job: fine-tune the built-in model on built-in tasks; compare before and after."""
     from alignkit.pipeline import run_demo

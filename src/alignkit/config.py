@@ -116,3 +116,45 @@ class DPOConfig(TrainConfig):
     sft_weight: float = knob(0.0, "adds this weight × NLL of the chosen response (RPO)")
     ref_model: str = knob("", "reference model (default: the starting policy; with LoRA, the adapter disabled)")
     precompute_ref_log_probs: bool = knob(False, "compute reference log-probs once before training, then free the reference")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO (and critic-free RLOO/GRPO): maximize a reward while penalising KL from the reference model.
+
+    --max_steps counts rollout-and-update iterations; --dataset holds prompts ({"prompt"}, messages, or
+    any SFT format, whose completion is kept as a `completion` column for rewards such as exact match)."""
+
+    learning_rate: float = knob(1e-6, "peak learning rate (AdamW)")
+    max_steps: int = knob(100, "rollout-and-update iterations")
+    logging_steps: int = knob(1, "log to metrics.jsonl every N iterations")
+    reward_model: str = knob("", "reward model directory (an `alignkit rm` output) scoring prompt + response")
+    reward_fn: str = knob("", "comma-separated reward functions: module:function | path/file.py:function | builtin:exact_match | builtin:sentiment")
+    reward_weights: str = knob("", "comma-separated weights: the reward model first (if any), then each --reward_fn (default 1)")
+    ref_model: str = knob("", "reference model for the KL penalty (default: a frozen copy of the starting policy; with fresh --use_peft adapters, the adapters disabled)")
+    advantage_estimator: str = knob("gae", "gae (PPO with a value head) | rloo | grpo (critic-free, k samples per prompt)")
+    num_samples_per_prompt: int = knob(1, "k: responses sampled per prompt (≥ 2 for rloo/grpo)")
+    rollout_batch_size: int = knob(16, "prompts per iteration (× num_samples_per_prompt responses)")
+    num_ppo_epochs: int = knob(4, "passes over each rollout batch")
+    mini_batch_size: int = knob(8, "responses per optimizer step")
+    max_prompt_length: int = knob(512, "prompts longer than this (tokens) are dropped")
+    max_new_tokens: int = knob(64, "response length limit (tokens)")
+    temperature: float = knob(1.0, "sampling temperature (log-probs use the same)")
+    top_p: float = knob(1.0, "nucleus sampling")
+    kl_coef: float = knob(0.05, "β: weight of the per-token KL penalty (initial value when adaptive)")
+    kl_estimator: str = knob("k1", "k1 (log π − log π_ref) | k3 ((r − 1) − log r)")
+    kl_target: float = knob(0.0, "adaptive β: target KL per response (0 = fixed β)")
+    kl_horizon: float = knob(10000.0, "adaptive β: horizon (in responses) of the proportional controller")
+    target_kl: float = knob(0.0, "stop this iteration's updates once a minibatch's approximate KL to the rollout policy exceeds it (0 = never)")
+    gamma: float = knob(1.0, "GAE discount γ")
+    lam: float = knob(0.95, "GAE λ")
+    cliprange: float = knob(0.2, "ε: policy ratio clip range")
+    cliprange_value: float = knob(0.2, "value clip range around the rollout values")
+    vf_coef: float = knob(0.1, "weight of the value loss")
+    critic_model: str = knob("", "gae: a separate critic (a reward model dir, or a causal LM with a new zero head) instead of a value head on the policy")
+    whiten_advantages: bool = knob(True, "normalize advantages to mean 0, std 1 per rollout batch")
+    missing_eos_penalty: float = knob(0.0, "subtracted from the score of responses that hit max_new_tokens without EOS")
+    normalize_scores: bool = knob(False, "standardize scores per rollout batch (mean 0, std 1) before the KL penalty")
+    score_clip: float = knob(0.0, "clip scores to [−c, c] (0 = off)")
+    ptx_coef: float = knob(0.0, "PPO-ptx: weight of the LM loss on --ptx_dataset mixed into each update")
+    ptx_dataset: str = knob("", "PPO-ptx: pretraining text (any SFT format; all tokens are predicted)")

@@ -90,3 +90,144 @@ def dpo_losses(
     if loss_type == "ipo":
         return (h - 1 / (2 * beta)) ** 2
     raise ValueError(f"--loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-pair NLL of the chosen response, per token:  −log π(y_w | x) / |y_w|.
+
+    RPO (Pang et al., 2024) trains on  L_DPO + α · this  (--sft_weight α): it keeps the chosen
+    responses likely, where plain DPO may lower both log-probs while widening their gap. Averaging per
+    token makes α independent of response length. Shapes: [B] summed log-probs, [B] token counts.
+    """
+    return -chosen_logps / chosen_lengths.to(chosen_logps.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO and its critic-free variants (RLOO, GRPO)
+#
+# Shapes: per-token tensors are [B, T] over right-padded responses; `mask` [B, T] is 1 on response
+# tokens (up to and including the stop token) and 0 on padding. Every formula below is applied only
+# where mask = 1; padded positions come out as 0.
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π‖π_ref) from the log-probs of the sampled token y ~ π (Schulman, 2020):
+
+      k1 = log π(y) − log π_ref(y)                       unbiased; single samples can be negative
+      k3 = (r − 1) − log r,   r = π_ref(y) / π(y)          unbiased, always ≥ 0, lower variance
+
+    Both are exactly 0 where π = π_ref (e.g. before the first PPO update).
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        log_ratio = ref_logp - logp
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"--kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ m·x / Σ m."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x − μ) / √(σ² + eps) over the masked entries, with μ = Σ m·x / Σ m and σ² = Σ m·(x − μ)² / Σ m
+    (population variance). With shift_mean=False the mean is added back: x is only rescaled. Masked
+    entries are returned as 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) / torch.sqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al., 2016) over right-padded responses -> (A, returns).
+
+      δ_t = r_t + γ·V_{t+1} − V_t
+      A_t = δ_t + γ·λ·A_{t+1}
+      returns_t = A_t + V_t
+
+    where V_{t+1} and A_{t+1} are 0 after a response's last token (the episode ends there: nothing is
+    bootstrapped from padding). `rewards` and `values` [B, T]; everything is 0 where mask = 0.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
+        # a padded position t passes zeros to t − 1 (mask = 0 there, so its V and A are 0)
+        next_value, next_advantage = values[:, t], advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss_sum(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate (Schulman et al., 2017) summed over tokens -> (loss sum, number of clipped tokens).
+
+      ρ_t = exp(log π(a_t|s_t) − log π_old(a_t|s_t))
+      L_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε))
+
+    A token counts as clipped where the clipped term is the larger one (strictly): its gradient is 0.
+    Divide both by the number of tokens (Σ m) for the mean loss and clipfrac.
+    """
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = torch.maximum(unclipped, clipped)
+    return (loss * mask).sum(), ((clipped > unclipped).to(logp.dtype) * mask).sum()
+
+
+def ppo_value_loss_sum(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss summed over tokens -> (loss sum, number of clipped tokens).
+
+      V^clip_t = V_old,t + clip(V_t − V_old,t, −ε_v, ε_v)
+      L_t = ½ · max((V_t − R_t)², (V^clip_t − R_t)²)
+
+    A token counts as clipped where the clipped error is the larger one (strictly).
+    """
+    mask = mask.to(values.dtype)
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    error, clipped_error = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * torch.maximum(error, clipped_error)
+    return (loss * mask).sum(), ((clipped_error > error).to(values.dtype) * mask).sum()
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al., 2024): k samples per prompt, rows grouped contiguously
+    (rows g·k … g·k + k − 1 answer prompt g). The baseline of sample i is the mean of the other k − 1:
+
+      A_i = R_i − (1 / (k − 1)) · Σ_{j ≠ i} R_j
+
+    `rewards` [N] with N divisible by k ≥ 2.
+    """
+    if k < 2 or rewards.numel() % k:
+        raise ValueError(f"rloo needs k ≥ 2 samples per prompt and a batch divisible by k (k={k}, batch={rewards.numel()})")
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).view(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (GRPO, Shao et al., 2024): k samples per prompt, grouped as in rloo:
+
+      A_i = (R_i − mean_g(R)) / (std_g(R) + eps)
+
+    with std_g the unbiased standard deviation of the k rewards of sample i's group g (k ≥ 2).
+    """
+    if k < 2 or rewards.numel() % k:
+        raise ValueError(f"grpo needs k ≥ 2 samples per prompt and a batch divisible by k (k={k}, batch={rewards.numel()})")
+    grouped = rewards.view(-1, k)
+    return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)).view(-1)

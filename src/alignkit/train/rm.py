@@ -1,0 +1,204 @@
+"""Reward model training: the LM with a scalar head, trained so the better response scores higher.
+
+Loss per prompt: the mean over its pairs (better w, worse l) of −log σ(r_w − r_l − margin), plus the
+optional c·(r_w + r_l)² (--center_rewards_coefficient); see `losses.reward_model_loss_sum`. A pair is
+one pair; a K-way ranking gives C(K,2) pairs (ties give none) and still counts once (InstructGPT).
+Each prompt has weight 1, so the loop's normalizer is the number of prompts in the step.
+
+Batches (`collate`): a decoder reads every response after the *same* prompt, so each example is one
+row, prompt once, then its K responses, each attending to the prompt and to itself only, with the
+positions it would have alone. That is exactly the K separate sequences, computed with the prompt
+once and with less padding. Encoders (bidirectional) get one padded row per response instead.
+
+Logged metrics (train and eval; per prompt means over its pairs/responses, then averaged over prompts):
+loss, accuracy (share of pairs with r_w > r_l), margin (mean r_w − r_l), reward_mean, reward_std
+(from the means of r and r²: sqrt(E[r²] − E[r]²), added to metrics.jsonl when training ends).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from alignkit.config import RMConfig
+from alignkit.data.formats import InvalidRows
+from alignkit.data.preferences import TokenizedPreference, load_preferences, tokenize_preferences
+from alignkit.data.tokenize import Formatting, pad_right
+from alignkit.losses import reward_model_loss_sum
+from alignkit.models import LoraSettings, apply_lora, load_tokenizer, save_model
+from alignkit.rewards import RewardModel, init_head, load_reward_model, score_sequences, write_normalization
+from alignkit.train.loop import Stage, train
+
+
+def formatting(cfg: RMConfig) -> Formatting:
+    return Formatting(cfg.use_chat_template, cfg.separator)
+
+
+def shares_prompts(rm: RewardModel) -> bool:
+    """Shared-prompt rows need a decoder that takes a custom 4-D mask and position ids as given;
+    sliding-window attention would ignore the window under a custom mask."""
+    config = rm.base.config
+    return rm.decoder and config._attn_implementation in ("sdpa", "eager") and getattr(config, "sliding_window", None) is None
+
+
+def collate(examples: list[TokenizedPreference], pad_id: int, shared: bool) -> dict:
+    """Every response of every example in one forward pass; rewards come out in (example, response)
+    order, and better/worse/group index them: pair p of example g compares rewards[better[p]] with
+    rewards[worse[p]]."""
+    better, worse, group, margin, start = [], [], [], [], 0
+    for g, e in enumerate(examples):
+        better += [start + b for b, _ in e.pairs]
+        worse += [start + w for _, w in e.pairs]
+        group += [g] * len(e.pairs)
+        margin += [e.margin] * len(e.pairs)
+        start += len(e.response_ids)
+    batch = {
+        "better": torch.tensor(better), "worse": torch.tensor(worse), "group": torch.tensor(group),
+        "margin": torch.tensor(margin), "num_prompts": len(examples), "response_group": torch.tensor([g for g, e in enumerate(examples) for _ in e.response_ids]),
+    }
+    if not shared:
+        batch["input_ids"], batch["attention_mask"] = pad_right([e.sequence(k) for e in examples for k in range(len(e.response_ids))], pad_id)
+        return batch
+    rows = [e.prompt_ids + [t for r in e.response_ids for t in r] for e in examples]
+    input_ids, _ = pad_right(rows, pad_id)
+    width = input_ids.shape[1]
+    segment = torch.full((len(rows), width), -1)  # -1 padding, 0 prompt, k + 1 response k
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    last = []
+    for b, e in enumerate(examples):
+        p = len(e.prompt_ids)
+        segment[b, :p], position_ids[b, :p] = 0, torch.arange(p)
+        cursor = p
+        for k, r in enumerate(e.response_ids):
+            segment[b, cursor : cursor + len(r)] = k + 1
+            position_ids[b, cursor : cursor + len(r)] = torch.arange(p, p + len(r))
+            cursor += len(r)
+            last.append(b * width + cursor - 1)
+    index = torch.arange(width)
+    key, query = segment[:, None, :], segment[:, :, None]
+    # query i may attend key j <= i of the prompt or of its own response (padding queries: the prompt)
+    allowed = (index[None, :] <= index[:, None]) & (key >= 0) & ((key == 0) | (key == query))
+    batch.update(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids, last=torch.tensor(last))
+    return batch
+
+
+def per_prompt_sum(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Σ over prompts of the mean of `values` within each prompt (so metrics share the loss's normalizer)."""
+    sums = torch.zeros(num_groups, device=values.device).index_add_(0, group, values.float())
+    counts = torch.zeros(num_groups, device=values.device).index_add_(0, group, torch.ones_like(values, dtype=torch.float))
+    return (sums / counts).sum()
+
+
+def rm_loss(model, batch: dict, center_coefficient: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """(Σ over prompts of the pairwise loss, metric sums); the loop divides both by the number of prompts."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "last") if k in batch}
+    rewards = model(**inputs)
+    better, worse, group = batch["better"], batch["worse"], batch["group"]
+    num_groups = batch["num_prompts"]
+    loss = reward_model_loss_sum(rewards, better, worse, group, num_groups, batch["margin"], center_coefficient)
+    with torch.no_grad():
+        diff = rewards[better] - rewards[worse]
+        metrics = {
+            "accuracy": per_prompt_sum((diff > 0).float(), group, num_groups),
+            "margin": per_prompt_sum(diff, group, num_groups),
+            "reward_mean": per_prompt_sum(rewards, batch["response_group"], num_groups),
+            "reward_sq": per_prompt_sum(rewards**2, batch["response_group"], num_groups),
+        }
+    return loss, metrics
+
+
+def build_examples(source: str, split: str, tokenizer, cfg: RMConfig, name: str, report: dict) -> list[TokenizedPreference]:
+    invalid = InvalidRows(skip=cfg.skip_invalid)
+    tokenized = tokenize_preferences(load_preferences(source, split, invalid), tokenizer, formatting(cfg), cfg.max_length, cfg.truncation)
+    pairs = sum(len(e.pairs) for e in tokenized.examples)
+    notes = [f"{tokenized.truncated} prompts cut from the left to fit --max_length"] if tokenized.truncated else []
+    notes += [f"{tokenized.dropped} dropped (longer than --max_length {cfg.max_length})"] if tokenized.dropped else []
+    print(f"{name} ({source}): {len(tokenized.examples)} prompts, {pairs} pairs" + "".join(f", {n}" for n in notes))
+    if invalid.total:
+        print(invalid.summary())
+    report[name] = {"source": source, "prompts": len(tokenized.examples), "pairs": pairs, "truncated": tokenized.truncated,
+                    "dropped": tokenized.dropped, "invalid_skipped": dict(invalid.counts)}
+    return tokenized.examples
+
+
+def build_model(cfg: RMConfig, tokenizer) -> RewardModel:
+    """The backbone with a fresh N(0, 1/√(d+1)) scalar head (kept if it is already a reward model); LoRA optional."""
+    rm, head_is_new = load_reward_model(cfg.model_name_or_path)
+    if head_is_new:
+        init_head(rm.model, cfg.seed)
+    rm.model.config.pad_token_id = tokenizer.pad_token_id  # for transformers' own forward; alignkit reads the mask
+    if cfg.use_peft:  # SEQ_CLS: peft trains a copy of the head (modules_to_save) beside the adapters
+        rm.model = apply_lora(rm.model, LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules), task_type="SEQ_CLS")
+    return rm
+
+
+def save_reward_model(rm: RewardModel, tokenizer, output_dir: Path) -> None:
+    """A plain AutoModelForSequenceClassification dir; LoRA adapters are merged in so every tool loads it alone."""
+    model = rm.model.merge_and_unload() if hasattr(rm.model, "merge_and_unload") else rm.model
+    save_model(model, tokenizer, output_dir)
+
+
+def normalize(cfg: RMConfig, tokenizer) -> dict:
+    """Shift the saved model's rewards so the responses of --normalize_dataset average 0 (InstructGPT
+    does this before RL). Prompt/completion rows: the completion; preference rows: the best responses."""
+    from alignkit.rewards import read_for_scoring
+
+    split = "train" if cfg.normalize_dataset.startswith(("builtin:", "builtin_pref:")) else cfg.dataset_split
+    items = read_for_scoring(cfg.normalize_dataset, split, tokenizer, formatting(cfg), InvalidRows(skip=cfg.skip_invalid))
+    worse = [{w for _, w in item.pairs} for item in items]
+    sequences = [s for item, w in zip(items, worse) for k, s in enumerate(item.sequences) if k not in w]
+    rm, _ = load_reward_model(cfg.output_dir)
+    rewards = torch.tensor(score_sequences(rm, sequences, tokenizer.pad_token_id, cfg.per_device_eval_batch_size), dtype=torch.float64)
+    mean, std = rewards.mean().item(), rewards.std().item() if len(rewards) > 1 else 0.0
+    write_normalization(cfg.output_dir, mean, std, cfg.normalize_dataset)
+    print(f"normalized on {len(sequences)} responses of {cfg.normalize_dataset}: mean {mean:.4f} -> 0 (std {std:.4f})")
+    return {"normalize_mean": mean, "normalize_std": std}
+
+
+def add_reward_std(row: dict) -> dict:
+    """reward_sq (mean of r²) -> reward_std = sqrt(E[r²] − E[r]²), for train and eval columns."""
+    for prefix in ("", "eval_"):
+        if f"{prefix}reward_sq" in row:
+            row[f"{prefix}reward_std"] = math.sqrt(max(row.pop(f"{prefix}reward_sq") - row[f"{prefix}reward_mean"] ** 2, 0.0))
+    return row
+
+
+def run_rm(cfg: RMConfig) -> dict:
+    """Train a reward model on cfg.dataset's comparisons; returns the last logged metrics."""
+    if not cfg.dataset:
+        raise ValueError("--dataset is required: preference rows (prompt/chosen/rejected, or prompt/responses) or builtin_pref:TASK")
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    report: dict = {}
+    train_examples = build_examples(cfg.dataset, cfg.dataset_split, tokenizer, cfg, "train", report)
+    eval_split = "test" if cfg.eval_dataset.startswith(("builtin:", "builtin_pref:")) else cfg.dataset_split
+    eval_examples = build_examples(cfg.eval_dataset, eval_split, tokenizer, cfg, "eval", report) if cfg.eval_dataset else None
+    if not train_examples:
+        raise ValueError(f"{cfg.dataset}: no usable training examples left (see the counts above)")
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.output_dir, "data_report.json").write_text(json.dumps(report, indent=1))
+
+    rm = build_model(cfg, tokenizer)
+    shared, pad_id = shares_prompts(rm), tokenizer.pad_token_id
+    stage = Stage(
+        model=rm,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        collate=lambda examples: collate(examples, pad_id, shared),
+        loss=lambda model, batch: rm_loss(model, batch, cfg.center_rewards_coefficient),
+        weight=lambda e: 1.0,
+        num_tokens=lambda e: sum(len(e.prompt_ids) + len(r) for r in e.response_ids),
+        save=lambda model, directory: save_reward_model(model, tokenizer, directory),
+    )
+    row = add_reward_std(train(stage, cfg))
+    if os.environ.get("RANK", "0") != "0":
+        return row
+    metrics = Path(cfg.output_dir, "metrics.jsonl")
+    rows = [add_reward_std(json.loads(line)) for line in metrics.read_text().splitlines() if line.strip()]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if cfg.normalize_dataset:
+        row.update(normalize(cfg, tokenizer))
+    return row

@@ -1,0 +1,378 @@
+"""PPO: every formula against an independent per-element computation; rollout log-probs equal the
+training recomputation; reward sources; the trainer raises a programmatic score on a tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from alignkit import losses
+from alignkit.generation import SamplingParams
+from alignkit.rollout import TextGenerationEnv, policy_forward, rollout
+
+# ---------------------------------------------------------------------------------------------
+# formulas, against plain-Python loops
+
+
+def _random_batch(seed=0, rows=4, width=6):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [width, 3, 1, 5][:rows]
+    mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
+    return g, mask, lengths
+
+
+def test_kl_estimators_match_their_definitions():
+    g = torch.Generator().manual_seed(0)
+    logp, ref = -torch.rand(50, generator=g, dtype=torch.float64) * 5, -torch.rand(50, generator=g, dtype=torch.float64) * 5
+    k1, k3 = losses.kl_penalty(logp, ref, "k1"), losses.kl_penalty(logp, ref, "k3")
+    for i in range(50):
+        a, b = logp[i].item(), ref[i].item()
+        assert math.isclose(k1[i].item(), a - b, rel_tol=1e-12, abs_tol=1e-12)
+        r = math.exp(b - a)
+        assert math.isclose(k3[i].item(), (r - 1) - math.log(r), rel_tol=1e-9, abs_tol=1e-12)
+    assert (k3 >= 0).all()
+    assert losses.kl_penalty(logp, logp, "k1").abs().max() == 0 and losses.kl_penalty(logp, logp, "k3").abs().max() == 0
+    # both estimate KL(π‖π_ref): on samples from π their means approach the exact value
+    p, q = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    samples = torch.multinomial(p, 200000, replacement=True, generator=g)
+    exact = (p * (p / q).log()).sum().item()
+    for est in ("k1", "k3"):
+        assert abs(losses.kl_penalty(p.log()[samples], q.log()[samples], est).mean().item() - exact) < 0.01
+    with pytest.raises(ValueError, match="k1"):
+        losses.kl_penalty(logp, ref, "k2")
+
+
+def test_whiten_matches_definition():
+    g, mask, _ = _random_batch()
+    x = torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    out = losses.whiten(x, mask)
+    values = [x[b, t].item() for b in range(4) for t in range(6) if mask[b, t]]
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / len(values)
+    for b in range(4):
+        for t in range(6):
+            expected = (x[b, t].item() - mean) / math.sqrt(var + 1e-8) if mask[b, t] else 0.0
+            assert math.isclose(out[b, t].item(), expected, rel_tol=1e-9, abs_tol=1e-12)
+    kept = losses.whiten(x, mask, shift_mean=False)
+    assert math.isclose(losses.masked_mean(kept, mask).item(), mean, rel_tol=1e-9)
+
+
+def test_gae_matches_a_per_element_loop():
+    g, mask, lengths = _random_batch(1)
+    rewards = torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    values = torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0), (1.0, 0.0)]:
+        adv, ret = losses.gae(rewards, values, mask, gamma, lam)
+        for b, n in enumerate(lengths):
+            # independent: A_t = Σ_l (γλ)^l δ_{t+l} within the response, V after the end = 0
+            r, v = rewards[b, :n].tolist(), values[b, :n].tolist() + [0.0]
+            deltas = [r[t] + gamma * v[t + 1] - v[t] for t in range(n)]
+            for t in range(6):
+                if t < n:
+                    expected = sum((gamma * lam) ** l * deltas[t + l] for l in range(n - t))
+                    assert math.isclose(adv[b, t].item(), expected, rel_tol=1e-9, abs_tol=1e-12)
+                    assert math.isclose(ret[b, t].item(), expected + v[t], rel_tol=1e-9, abs_tol=1e-12)
+                else:
+                    assert adv[b, t] == 0 and ret[b, t] == 0
+    # λ = 1, γ = 1: the return is the sum of the remaining rewards (Monte Carlo), whatever V is
+    _, ret = losses.gae(rewards, values, mask, 1.0, 1.0)
+    assert math.isclose(ret[0, 2].item(), rewards[0, 2:].sum().item(), rel_tol=1e-9)
+
+
+def test_clipped_policy_and_value_losses_match_definitions():
+    g, mask, _ = _random_batch(2)
+    logp = -torch.rand(mask.shape, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(mask.shape, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    values, old_values, returns = (torch.randn(mask.shape, generator=g, dtype=torch.float64) for _ in range(3))
+    eps, eps_v = 0.2, 0.1
+    loss, clipped = losses.ppo_policy_loss_sum(logp, old, adv, mask, eps)
+    vloss, vclipped = losses.ppo_value_loss_sum(values, old_values, returns, mask, eps_v)
+    want = want_clipped = want_v = want_vclipped = 0.0
+    for b in range(4):
+        for t in range(6):
+            if not mask[b, t]:
+                continue
+            ratio = math.exp(logp[b, t].item() - old[b, t].item())
+            a = adv[b, t].item()
+            plain, clip = -a * ratio, -a * min(max(ratio, 1 - eps), 1 + eps)
+            want += max(plain, clip)
+            want_clipped += clip > plain
+            v, vo, r = values[b, t].item(), old_values[b, t].item(), returns[b, t].item()
+            vc = vo + min(max(v - vo, -eps_v), eps_v)
+            want_v += 0.5 * max((v - r) ** 2, (vc - r) ** 2)
+            want_vclipped += (vc - r) ** 2 > (v - r) ** 2
+    assert math.isclose(loss.item(), want, rel_tol=1e-9)
+    assert clipped.item() == want_clipped > 0
+    assert math.isclose(vloss.item(), want_v, rel_tol=1e-9)
+    assert vclipped.item() == want_vclipped > 0
+    # at ratio 1 nothing is clipped and the gradient is −A per token
+    same = logp.clone().requires_grad_(True)
+    loss, clipped = losses.ppo_policy_loss_sum(same, logp, adv, mask, eps)
+    loss.backward()
+    assert clipped.item() == 0 and torch.allclose(same.grad, -adv * mask)
+
+
+def test_rloo_and_grpo_advantages_match_definitions():
+    rewards = torch.tensor([1.0, 2.0, 4.0, 0.5, 0.5, 3.0, -1.0, 2.0, 0.0], dtype=torch.float64)
+    k = 3
+    rloo, grpo = losses.rloo_advantages(rewards, k), losses.grpo_advantages(rewards, k)
+    for i in range(9):
+        group = [rewards[j].item() for j in range(i // k * k, i // k * k + k)]
+        others = [rewards[j].item() for j in range(i // k * k, i // k * k + k) if j != i]
+        assert math.isclose(rloo[i].item(), rewards[i].item() - sum(others) / (k - 1), rel_tol=1e-9, abs_tol=1e-12)
+        mean = sum(group) / k
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (k - 1))
+        assert math.isclose(grpo[i].item(), (rewards[i].item() - mean) / (std + 1e-4), rel_tol=1e-9, abs_tol=1e-12)
+    with pytest.raises(ValueError, match="k ≥ 2"):
+        losses.rloo_advantages(rewards, 1)
+    with pytest.raises(ValueError, match="divisible"):
+        losses.grpo_advantages(rewards, 2)
+
+
+def test_adaptive_kl_controller():
+    from alignkit.train.ppo import AdaptiveKLController
+
+    up = AdaptiveKLController.update(0.1, kl=12.0, target=6.0, n=100, horizon=1000)
+    assert math.isclose(up, 0.1 * (1 + 0.2 * 100 / 1000))  # error clipped at +0.2
+    down = AdaptiveKLController.update(0.1, kl=5.4, target=6.0, n=100, horizon=1000)
+    assert math.isclose(down, 0.1 * (1 - 0.1 * 100 / 1000))
+
+
+# ---------------------------------------------------------------------------------------------
+# the RL framing and rollouts
+
+
+def test_env_transitions_and_terminal_rewards():
+    env = TextGenerationEnv(stop_token_ids=(2,), max_new_tokens=3)
+    assert env.step([5, 6], 7, steps_taken=0) == ([5, 6, 7], False)
+    assert env.step([5, 6], 2, steps_taken=0) == ([5, 6, 2], True)  # stop token
+    assert env.step([5, 6, 7, 8], 9, steps_taken=2) == ([5, 6, 7, 8, 9], True)  # max_new_tokens
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    rewards = env.terminal_rewards(torch.tensor([1.0, 2.0, 3.0]), mask)
+    assert rewards.tolist() == [[0, 0, 1.0], [2.0, 0, 0], [0, 3.0, 0]]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_recomputed_logprobs_equal_rollout_logprobs(tiny_model_dir, tokenizer, temperature, top_p):
+    """The PPO ratio is 1 before the first update: teacher forcing reproduces the sampler's log-probs."""
+    from alignkit.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["Hello there, how are", "Hi", "one two three four five six seven"]]
+    episodes = rollout(model, tokenizer, prompts, SamplingParams(max_new_tokens=12, temperature=temperature, top_p=top_p, seed=3))
+    out = policy_forward(model, episodes, temperature, value_head=torch.nn.Linear(64, 1), entropy=True)
+    mask = episodes.response_mask.float()
+    assert torch.allclose(out.logprobs, episodes.logprobs * mask, atol=2e-5)
+    ratio = torch.exp(out.logprobs - episodes.logprobs) * mask
+    assert torch.allclose(ratio[mask.bool()], torch.ones(int(mask.sum())), atol=5e-5)
+    assert out.values.shape == mask.shape and (out.values[~mask.bool()] == 0).all()
+    assert (out.entropy[mask.bool()] > 0).all()
+    assert len(episodes.responses) == 3
+    # a third of the vocabulary stops: rows end early and are right-padded, the padding masked out
+    short = rollout(model, tokenizer, prompts, SamplingParams(max_new_tokens=12, temperature=temperature, stop_token_ids=tuple(range(0, 49152, 3)), seed=5))
+    assert short.finished.any() and (short.lengths < 12).any()
+    recomputed = policy_forward(model, short, temperature).logprobs
+    assert torch.allclose(recomputed, short.logprobs * short.response_mask, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# reward sources
+
+
+def test_reward_sources(tmp_path):
+    from alignkit.rewards import build_reward, load_reward_function
+
+    path = tmp_path / "my_reward.py"
+    path.write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
+    assert load_reward_function(f"{path}:length")(["p"], ["abc"]) == [3]
+    assert load_reward_function("builtin:sentiment")(["p"], ["I love this, it is wonderful"])[0] > 0.5
+    assert load_reward_function("builtin:sentiment")(["p"], ["This is terrible and I hate it"])[0] < -0.5
+    assert load_reward_function("math:sqrt") is math.sqrt  # module:function
+    composite = build_reward(reward_fn=f"builtin:exact_match,{path}:length", reward_weights="2,0.5")
+    scores = composite(["q1", "q2"], ["42", "no"], completion=["42", "7"], finished=[True, False])
+    assert scores == [2 * 1.0 + 0.5 * 2, 2 * 0.0 + 0.5 * 2]
+    assert composite.last_components == {"builtin:exact_match": [1.0, 0.0], f"{path}:length": [2.0, 2.0]}
+    with pytest.raises(ValueError, match="builtin:sentiment"):
+        load_reward_function("builtin:nope")
+    with pytest.raises(ValueError, match="weight"):
+        build_reward(reward_fn="builtin:sentiment", reward_weights="1,2")
+    with pytest.raises(ValueError, match="no reward source"):
+        build_reward()
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer on a tiny model
+
+REWARD = '''
+def words(prompts, responses):
+    """Words started per response token budget (8): a space opens a word."""
+    return [r.count(" ") / 8 for r in responses]
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    """The tiny model with one embedding feature: +0.3 for tokens that start a word ("Ġ..."), −0.3 otherwise,
+    so "write more words" is one direction the policy can learn in a few iterations (it starts at ~0.2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.data import tasks
+    from alignkit.data.formats import write_jsonl
+
+    root = tmp_path_factory.mktemp("ppo")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    starts_word = torch.tensor([t.startswith("Ġ") for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = torch.where(starts_word, 0.3, -0.3)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = tasks.make_mixture(["arithmetic"], "train", 32, seed=1)
+    write_jsonl([{"prompt": r["prompt"]} for r in rows], root / "prompts.jsonl")
+    (root / "reward.py").write_text(REWARD)
+    return root
+
+
+def train(setup, name, **overrides):
+    from alignkit.config import PPOConfig
+    from alignkit.train.ppo import run_ppo
+
+    settings = dict(
+        model_name_or_path=str(setup / "model"), dataset=str(setup / "prompts.jsonl"), output_dir=str(setup / name),
+        reward_fn=f"{setup / 'reward.py'}:words", max_steps=8, rollout_batch_size=16, mini_batch_size=8, num_ppo_epochs=4,
+        max_new_tokens=8, learning_rate=1e-3, lr_scheduler_type="constant", kl_coef=0.05, progress=False,
+    )
+    settings.update(overrides)
+    run_ppo(PPOConfig(**settings))
+    return [json.loads(line) for line in open(f"{settings['output_dir']}/metrics.jsonl")]
+
+
+def mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+@pytest.fixture(scope="module")
+def ppo_rows(setup):
+    return train(setup, "gae")
+
+
+def test_ppo_raises_the_score(setup, ppo_rows):
+    rows = ppo_rows  # 8 iterations of 16 prompts; the score is the share of 8 tokens that start a word
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[0]["kl"] == 0.0  # before the first update the policy is the reference
+    assert all(r["ratio_error_before_update"] < 1e-4 for r in rows)  # max |π/π_old − 1| on each iteration's first minibatch
+    assert mean(rows[4:], "score") > rows[0]["score"] + 0.25, [r["score"] for r in rows]
+    expected = {"score", "reward", "kl", "kl_coef", "entropy", "response_length", "eos_fraction", "policy_loss", "value_loss",
+                "clipfrac", "approx_kl", "explained_variance", "returns", "generation_tokens_per_second", "training_tokens_per_second"}
+    assert expected <= set(rows[-1])
+    assert (setup / "gae" / "model.safetensors").exists() and (setup / "gae" / "value_head.safetensors").exists()
+
+
+def test_huge_kl_coefficient_keeps_the_policy_near_the_reference(setup, ppo_rows):
+    rows = train(setup, "big_beta", kl_coef=10.0)
+    assert rows[0]["kl"] == 0.0
+    # KL is 0 during iteration 1, so its update is the same for both β; from then on the penalty acts
+    kls = ([r["kl"] for r in rows], [r["kl"] for r in ppo_rows])
+    assert abs(mean(rows[2:], "kl")) < 0.3 and mean(rows[2:], "kl") < 0.3 * mean(ppo_rows[2:], "kl"), kls
+    assert mean(rows[4:], "score") < mean(ppo_rows[4:], "score")  # ... and a small β lets the score rise faster
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_critic_free_estimators_raise_the_score(setup, estimator):
+    rows = train(setup, estimator, advantage_estimator=estimator, num_samples_per_prompt=2, rollout_batch_size=8,
+                 learning_rate=3e-3, num_ppo_epochs=2)
+    assert rows[0]["kl"] == 0.0 and "value_loss" not in rows[0]
+    assert mean(rows[4:], "score") > rows[0]["score"] + 0.25, [r["score"] for r in rows]
+
+
+def test_every_option_runs_from_the_command_line(setup, tmp_path):
+    """LoRA (reference = adapter disabled), k3, adaptive β, early stop, EOS penalty, normalization, PPO-ptx."""
+    from typer.testing import CliRunner
+
+    from alignkit.cli import app
+
+    from alignkit.data import tasks
+    from alignkit.data.formats import write_jsonl
+
+    write_jsonl(tasks.make_mixture(["reversal"], "train", 8, seed=2), tmp_path / "ptx.jsonl")
+    args = [
+        "ppo", "--model_name_or_path", str(setup / "model"), "--dataset", str(setup / "prompts.jsonl"), "--output_dir", str(tmp_path / "out"),
+        "--reward_fn", f"{setup / 'reward.py'}:words,builtin:sentiment", "--reward_weights", "1,0.5", "--max_steps", "3",
+        "--rollout_batch_size", "4", "--mini_batch_size", "2", "--num_ppo_epochs", "2", "--max_new_tokens", "6", "--learning_rate", "1e-2",
+        "--use_peft", "--kl_estimator", "k3", "--kl_target", "0.01", "--kl_horizon", "100", "--target_kl", "0.001", "--missing_eos_penalty", "1.0",
+        "--normalize_scores", "--score_clip", "1.5", "--ptx_coef", "0.5", "--ptx_dataset", str(tmp_path / "ptx.jsonl"), "--no_progress",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert len(rows) == 3 and rows[0]["kl"] == 0.0
+    assert rows[0]["kl_coef"] == 0.05 and rows[-1]["kl_coef"] != 0.05  # adaptive β moved
+    assert {"score/builtin:sentiment", "ptx_loss", "value_loss"} <= set(rows[-1])
+    assert any(r["early_stopped"] for r in rows)  # a tiny target_kl stops the epochs early
+    assert (tmp_path / "out" / "adapter_config.json").exists()
+    bad = CliRunner().invoke(app, args[:7] + ["--reward_fn", "builtin:sentiment", "--advantage_estimator", "rloo"])
+    assert bad.exit_code == 2 and "num_samples_per_prompt" in bad.output
+
+
+def test_resume_replays_the_same_iterations(setup, tmp_path):
+    settings = dict(max_steps=4, save_steps=2, rollout_batch_size=4, max_new_tokens=4, num_ppo_epochs=2, output_dir=str(tmp_path / "run"))
+    full = train(setup, "unused", **settings)
+    resumed = train(setup, "unused", resume_from_checkpoint=str(tmp_path / "run" / "checkpoints" / "step-2"), **settings)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        for key in ("score", "kl", "policy_loss", "value_loss", "approx_kl", "entropy"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (key, a[key], b[key])
+
+
+def test_prompt_formats(tokenizer, tmp_path):
+    from alignkit.config import PPOConfig
+    from alignkit.data.formats import DataError, write_jsonl
+    from alignkit.train.ppo import load_prompts
+
+    rows = [
+        {"prompt": "What is 2+2?"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+        {"messages": [{"role": "user", "content": "Say 4"}, {"role": "assistant", "content": "4"}]},
+        {"prompt": "Say 5", "completion": "5", "id": 7},
+    ]
+    write_jsonl(rows, tmp_path / "p.jsonl")
+    prompts = load_prompts(str(tmp_path / "p.jsonl"), "train", tokenizer, PPOConfig(max_prompt_length=512))
+    assert len(prompts) == 4
+    assert tokenizer.decode(prompts[0].ids).endswith("assistant\n") and "What is 2+2?" in tokenizer.decode(prompts[0].ids)
+    assert prompts[2].columns == {"completion": "4"} and prompts[3].columns == {"completion": "5", "id": 7}
+    assert tokenizer.decode(prompts[2].ids).endswith("Say 4<|im_end|>\n<|im_start|>assistant\n")  # the answer is not in the prompt
+    builtin = load_prompts("builtin:arithmetic:5", "train", tokenizer, PPOConfig())
+    assert len(builtin) == 5 and all("completion" in p.columns for p in builtin)
+    write_jsonl([{"question": "x"}], tmp_path / "bad.jsonl")
+    with pytest.raises(DataError, match="no prompt"):
+        load_prompts(str(tmp_path / "bad.jsonl"), "train", tokenizer, PPOConfig())
+
+
+def test_separate_critic(setup, tmp_path):
+    rows = train(setup, "unused", output_dir=str(tmp_path / "critic"), critic_model=str(setup / "model"), max_steps=3,
+                 rollout_batch_size=8, max_new_tokens=4, num_ppo_epochs=2)
+    assert rows[0]["kl"] == 0.0 and rows[0]["values"] == 0.0  # a new critic head starts at zero
+    assert any(r["values"] != 0.0 for r in rows) and all(math.isfinite(r["value_loss"]) for r in rows), rows
+    assert (tmp_path / "critic" / "critic" / "config.json").exists() and not (tmp_path / "critic" / "value_head.safetensors").exists()
+
+
+def test_reward_model_as_reward_and_critic(setup, tmp_path):
+    from alignkit.models import load_tokenizer
+    from alignkit.rewards import RewardModelScorer, init_head, load_reward_model, score_sequences
+
+    rm, _ = load_reward_model(str(setup / "model"))
+    init_head(rm.model, seed=0)
+    rm.model.save_pretrained(tmp_path / "rm")
+    load_tokenizer(str(setup / "model")).save_pretrained(tmp_path / "rm")
+    scorer = RewardModelScorer(str(tmp_path / "rm"))
+    tok = scorer.tokenizer
+    got = scorer(["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"] * 2, ["Hello there", "Bye"], finished=[True, False])
+    ids = [tok("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello there" + tok.eos_token, add_special_tokens=False)["input_ids"],
+           tok("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nBye", add_special_tokens=False)["input_ids"]]
+    assert got == pytest.approx(score_sequences(rm, ids, tok.pad_token_id), abs=1e-5) and got[0] != got[1]
+    rows = train(setup, "unused", output_dir=str(tmp_path / "out"), reward_model=str(tmp_path / "rm"), reward_fn=f"{setup / 'reward.py'}:words",
+                 reward_weights="1,0.5", critic_model=str(tmp_path / "rm"), max_steps=2, rollout_batch_size=4, max_new_tokens=4, num_ppo_epochs=1)
+    assert rows[0]["values"] != 0.0  # the critic starts from the reward model's head
+    assert {"score/reward_model", f"score/{setup / 'reward.py'}:words"} <= set(rows[0])
