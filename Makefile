@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.alignkit-setup
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench browser
 setup: $(STAMP)
 
 # torch first, pinned to the CPU build on disk: any other pin or a bare `torch` pulls a multi-GB CUDA build
@@ -18,5 +18,9 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/alignkit demo
 
-test: setup
+# the web-page tests drive Debian's chromium through Playwright (never a browser Playwright downloads)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium) >/dev/null
+
+test: setup browser
 	$(BIN)/python -m pytest -q
