@@ -42,7 +42,7 @@ def config_command(name: str, cls: type, run: Callable, help: str) -> None:
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         decls = [f"--{f.name}/--no_{f.name}"] if kind is bool else [f"--{f.name}"]
-        option = typer.Option(None, *decls, help=f"{f.metadata.get('help', '')} [default: {f.default!r}]", show_default=False)
+        option = typer.Option(None, *decls, help=f"{f.metadata.get('help', '')} \\[default: {f.default!r}]", show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind], default=option))
 
     def command(**kwargs):
@@ -182,6 +182,11 @@ def data_tasks(
         _fail(error)
     write_jsonl(rows, output)
     print(f"wrote {len(rows)} rows to {output}")
+
+
+from alignkit.data.flan_mixture import flan_command  # noqa: E402
+
+data_app.command("flan", help="Render data sets through Flan-style templates and mix them into SFT-ready JSONL.")(flan_command)
 
 
 @app.command()
