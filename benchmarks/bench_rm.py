@@ -3,7 +3,7 @@
 
     python benchmarks/bench_rm.py --which tiny|smollm|both --repeats 2 [--variants flat,fused]
 
-Like bench_sft.py (whose helpers it imports): each run is its own subprocess, so peak RSS and wall time
+Like bench_sft.py (the harness is in common.py): each run is its own subprocess, so peak RSS and wall time
 are its own; each worker stamps the wall clock at every optimizer step next to the non-padding tokens
 seen so far. Tokens are counted the same way on both sides, TRL's way: the tokens of prompt+chosen plus
 those of prompt+rejected (alignkit's `tokens`), so tokens/s is proportional to pairs/s. alignkit runs
@@ -22,51 +22,33 @@ markers in docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import TINY, WORK, cpu_jiffies, versions  # noqa: E402
+from common import (  # noqa: E402
+    SAVED_AND_OPTIMIZERS, SHARED_SETTINGS, Stage, Trace, alignkit_config, main, model_path, preference_file,
+    run_alignkit, run_trl, steady_rate,
+)
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
-MARK_START, MARK_END = "<!-- rm-table:start -->", "<!-- rm-table:end -->"
-SHARED_PREDICTIONS = ROOT.parent / "shared" / "data" / "self_instruct" / "predictions"
 CASES = {  # steps, of which the first `warmup` are left out of the steady state
     "tiny": dict(model="tiny", data="tiny_prefs.jsonl", batch=16, steps=40, warmup=5, max_length=512, lr=1e-4),
     "smollm": dict(model="smollm2-135m-instruct", data="self_instruct_prefs.jsonl", batch=8, steps=6, warmup=2, max_length=512, lr=1e-5),
 }
 
 
-# ---------------------------------------------------------------------------------------------- workers
+def worker(tool: str, job: dict) -> dict:
+    if tool == "trl":
+        from trl import RewardConfig, RewardTrainer
 
-
-def worker_alignkit(job: dict, variant: str = "") -> dict:
+        return run_trl(RewardTrainer, RewardConfig, job)
     import torch
 
     import alignkit.train.loop as loop
     import alignkit.train.rm as rm
     from alignkit.config import RMConfig
 
-    stamps: list[float] = []
-    cpu: list[float] = []
-    write = loop.MetricsLog.write
-
-    def stamped(self, row):  # logging_steps=1: one training row per optimizer step
-        if "tokens" in row:
-            stamps.append(time.time())
-            cpu.append(time.process_time())
-        write(self, row)
-
-    loop.MetricsLog.write = stamped
+    variant = tool.partition("-")[2]
     if variant == "flat":  # TRL's layout: one padded row per response, the prompt computed each time
         rm.shares_prompts = lambda model: False
     if variant == "fused":  # what a fused AdamW in train/loop.py would give (TRL's default optimizer)
@@ -77,231 +59,42 @@ def worker_alignkit(job: dict, variant: str = "") -> dict:
             return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
 
         loop.make_optimizer = fused
-    rm.run_rm(RMConfig(
-        model_name_or_path=job["model"], dataset=job["data"], output_dir=job["out"], max_steps=job["steps"],
-        per_device_train_batch_size=job["batch"], gradient_accumulation_steps=1, learning_rate=job["lr"],
-        lr_scheduler_type="linear", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
-        max_length=job["max_length"], logging_steps=1, seed=42, progress=False, use_chat_template="yes",
-    ))
-    rows = [json.loads(line) for line in Path(job["out"], "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "tokens" in r]
-    return {"t": stamps, "cpu": cpu, "tokens": [r["tokens"] for r in rows], "loss": [r["loss"] for r in rows]}
+    return run_alignkit(rm.run_rm, RMConfig(**alignkit_config(job)))
 
 
-def worker_trl(job: dict) -> dict:
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import RewardConfig, RewardTrainer
-
-    stamps: list[float] = []
-    cpu: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.time())
-            cpu.append(time.process_time())
-
-    rows = [json.loads(line) for line in Path(job["data"]).read_text().splitlines()]
-    tokenizer = AutoTokenizer.from_pretrained(job["model"])
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # alignkit's rule too
-    args = RewardConfig(
-        output_dir=job["out"], max_steps=job["steps"], per_device_train_batch_size=job["batch"],
-        gradient_accumulation_steps=1, learning_rate=job["lr"], lr_scheduler_type="linear", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, max_length=job["max_length"], logging_steps=1, seed=42,
-        gradient_checkpointing=False, bf16=False, use_cpu=True, report_to=[], save_strategy="no",
-        disable_tqdm=True, model_init_kwargs={"dtype": "float32"},
-    )
-    trainer = RewardTrainer(model=job["model"], args=args, train_dataset=Dataset.from_list(rows),
-                            processing_class=tokenizer, callbacks=[Clock()])
-    trainer.train()
-    trainer.save_model(job["out"])  # alignkit always writes the final model; so does this job
-    logs = [h for h in trainer.state.log_history if "loss" in h and "num_tokens" in h]
-    return {"t": stamps, "cpu": cpu, "tokens": [int(h["num_tokens"]) for h in logs], "loss": [h["loss"] for h in logs]}
+def prepare(case: str) -> tuple[str, str] | None:
+    """The model directory and the case's data file; None: the case cannot run here."""
+    data = preference_file(case, CASES[case]["data"])
+    return None if data is None else (model_path(CASES[case]["model"]), data)
 
 
-# ---------------------------------------------------------------------------------------------- one run
+def metrics(trace: Trace) -> dict:
+    # CPU time of the process itself: what a step costs, whatever else shares the machine
+    return {"steady_tokens_per_cpu_s": steady_rate(trace.tokens, trace.cpu, trace.warmup)}
 
 
-def wait_for_quiet(args) -> float:
-    """Wait (at most --max-wait s) until the 1-min load is below --load-threshold, or until the rest of
-    the machine has used < 0.2 cores for 4 s (our own previous run keeps the 1-min average up)."""
-    deadline, hz = time.time() + args.max_wait, os.sysconf("SC_CLK_TCK")
-    while os.getloadavg()[0] >= args.load_threshold and time.time() < deadline:
-        before = cpu_jiffies()
-        time.sleep(4)
-        if (cpu_jiffies() - before) / hz / 4 < 0.2:
-            break
-    return os.getloadavg()[0]
-
-
-def run_one(tool: str, case: str, job: dict, args) -> dict:
-    load = wait_for_quiet(args)
-    out = WORK / "runs" / f"rm-{case}-{tool}-{job['repeat']}"
-    job = {**job, "out": str(out)}
-    busy0, start = cpu_jiffies(), time.time()
-    with open(WORK / "runs" / f"{out.name}.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", tool, "--job", json.dumps(job)], stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    end, busy1 = time.time(), cpu_jiffies()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{tool} on {case} failed; see {WORK / 'runs' / (out.name + '.log')}")
-    trace = json.loads((out / "bench_trace.json").read_text())
-    t, tokens, loss, w = trace["t"], trace["tokens"], trace["loss"], job["warmup"]
-    assert len(t) == len(tokens) == job["steps"], (len(t), len(tokens))
-    hz, cpu_s = os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
-    return {
-        "tool": tool, "repeat": job["repeat"], "load1_at_start": round(load, 2),
-        "other_cores_busy": round(max(0.0, ((busy1 - busy0) / hz - cpu_s) / (end - start)), 2),
-        "end_to_end_s": round(end - start, 2),
-        "time_to_first_step_s": round(t[0] - start, 2),
-        "steady_tokens_per_s": round((tokens[-1] - tokens[w - 1]) / (t[-1] - t[w - 1]), 1),
-        "steady_step_ms": round(1000 * statistics.median(b - a for a, b in zip(t[w - 1 :], t[w:])), 1),
-        # CPU time of the process itself: what a step costs, whatever else shares the machine
-        "steady_tokens_per_cpu_s": round((tokens[-1] - tokens[w - 1]) / (trace["cpu"][-1] - trace["cpu"][w - 1]), 1),
-        "tokens_per_step": round(tokens[-1] / len(tokens), 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "cpu_s": round(cpu_s, 1),
-        "first_loss": round(loss[0], 4), "final_loss": round(loss[-1], 4),
-    }
-
-
-# ---------------------------------------------------------------------------------------------- setup & report
-
-
-def conversational(prompt: str, chosen: str, rejected: str) -> dict:
-    return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}]}
-
-
-def prepare(case: str) -> str | None:
-    """The model directory (None: the case cannot run here) and the case's data file."""
-    from alignkit.data.tasks import make_preferences
-    from alignkit.models import make_tiny_model, resolve_model_path
-
-    WORK.mkdir(parents=True, exist_ok=True)
-    data = WORK / CASES[case]["data"]
-    if case == "tiny" and not data.exists():
-        rows = [r for task in ("comparison", "arithmetic") for r in make_preferences(task, "train", 200)]
-        data.write_text("".join(json.dumps(conversational(r["prompt"], r["chosen"], r["rejected"])) + "\n" for r in rows))
-    if case == "smollm" and not data.exists():
-        if not SHARED_PREDICTIONS.exists():
-            print(f"skipping smollm: {SHARED_PREDICTIONS} is absent")
-            return None
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "self_instruct_preferences.py"), str(SHARED_PREDICTIONS),
-                        "--output_dir", str(WORK / "self_instruct")], check=True)
-        rows = [json.loads(line) for line in (WORK / "self_instruct" / "train.jsonl").read_text().splitlines()]
-        data.write_text("".join(json.dumps(conversational(r["prompt"], r["chosen"], r["rejected"])) + "\n" for r in rows))
-    if CASES[case]["model"] == "tiny":
-        model = WORK / "tiny-llama"
-        if not (model / "config.json").exists():
-            make_tiny_model(model, **TINY)
-        return str(model)
-    return resolve_model_path(CASES[case]["model"])
-
-
-def summarize(runs: list[dict], tools: list[str]) -> dict:
-    numeric = [k for k in runs[0] if isinstance(runs[0][k], (int, float)) and k != "repeat"]
-    med = {tool: {k: statistics.median(r[k] for r in runs if r["tool"] == tool) for k in numeric} for tool in tools}
-    ratios = {}
-    for tool in tools[:1] + tools[2:]:  # alignkit (and its ablations) against trl
-        a, b = med[tool], med["trl"]
-        ratios[tool] = {
-            "tokens_per_s (alignkit/trl)": round(a["steady_tokens_per_s"] / b["steady_tokens_per_s"], 2),
-            "tokens_per_cpu_s (alignkit/trl)": round(a["steady_tokens_per_cpu_s"] / b["steady_tokens_per_cpu_s"], 2),
-            "end_to_end speed-up (trl/alignkit)": round(b["end_to_end_s"] / a["end_to_end_s"], 2),
-            "time_to_first_step speed-up (trl/alignkit)": round(b["time_to_first_step_s"] / a["time_to_first_step_s"], 2),
-            "peak_rss (alignkit/trl)": round(a["peak_rss_mb"] / b["peak_rss_mb"], 2),
-        }
-    return {"median": med, "ratios": ratios}
-
-
-def table(results: dict) -> str:
-    lines = ["| case | tool | steady tokens/s | tokens per CPU s | step ms | time to 1st step s | end-to-end s | peak RSS MB | other cores busy |",
-             "|" + "---|" * 9]
-    for case, res in results["cases"].items():
-        for tool, m in res["median"].items():
-            lines.append(f"| {case} | {tool} | {m['steady_tokens_per_s']:.0f} | {m['steady_tokens_per_cpu_s']:.0f} | {m['steady_step_ms']:.0f} | "
-                         f"{m['time_to_first_step_s']:.1f} | {m['end_to_end_s']:.1f} | {m['peak_rss_mb']:.0f} | {m['other_cores_busy']:.2f} |")
-    lines += ["", "| case | tool | tokens/s vs TRL | tokens per CPU s vs TRL | end-to-end TRL/alignkit | 1st step TRL/alignkit | peak RSS alignkit/TRL |",
-              "|---|---|---|---|---|---|---|"]
-    for case, res in results["cases"].items():
-        for tool, ratios in res["ratios"].items():
-            lines.append(f"| {case} | {tool} | " + " | ".join(f"{v:.2f}×" for v in ratios.values()) + " |")
-    s = results["settings"]
-    lines += ["", f"Medians of {s['repeats']} alternating runs per tool; {s['machine']}; versions: "
-              + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + ". Settings: "
-              + "; ".join(f"{c}: {v}" for c, v in s["cases"].items()) + f". {s['common']}"]
-    return "\n".join(lines)
-
-
-def write_docs(text: str) -> None:
-    doc = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if MARK_START not in doc:
-        doc += f"\n{MARK_START}\n{MARK_END}\n"
-    head, rest = doc.split(MARK_START, 1)
-    DOCS.write_text(f"{head}{MARK_START}\n{text}\n{MARK_END}{rest.split(MARK_END, 1)[1]}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--which", choices=["tiny", "smollm", "both"], default="both")
-    parser.add_argument("--repeats", type=int, default=2)
+def options(parser) -> None:
     parser.add_argument("--variants", default="", help="comma-separated ablations run as extra tools: flat, fused")
-    parser.add_argument("--load-threshold", type=float, default=0.8, help="wait until the 1-min load is below this")
-    parser.add_argument("--max-wait", type=float, default=60, help="... but at most this many seconds per run")
-    parser.add_argument("--max-other", type=float, default=0.35,
-                        help="rerun a run during which other processes used more than this many cores on average")
-    parser.add_argument("--retries", type=int, default=1, help="... at most this many times")
-    parser.add_argument("--output", default=str(HERE / "results" / "rm.json"))
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
-    parser.add_argument("--worker", choices=["alignkit", "trl", "alignkit-flat", "alignkit-fused"], help=argparse.SUPPRESS)
-    parser.add_argument("--job", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        job = json.loads(args.job)
-        trace = worker_trl(job) if args.worker == "trl" else worker_alignkit(job, args.worker.partition("-")[2])
-        Path(job["out"], "bench_trace.json").write_text(json.dumps(trace))
-        return
 
-    tools = ["alignkit", "trl"] + [f"alignkit-{v.strip()}" for v in args.variants.split(",") if v.strip()]
-    cases = ["tiny", "smollm"] if args.which == "both" else [args.which]
-    (WORK / "runs").mkdir(parents=True, exist_ok=True)
-    output = Path(args.output)
-    results = json.loads(output.read_text()) if output.exists() else {"cases": {}}
-    settings = {
-        "repeats": args.repeats, "versions": versions(),
-        "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}, shared), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
-        "cases": {c: dict(CASES[c]) | ({"tiny_model": TINY} if c == "tiny" else {}) for c in CASES},
-        "common": "fp32 (bf16 off), gradient checkpointing off, no gradient accumulation, linear LR schedule, no warmup, "
-                  "weight decay 0, grad clip 1.0, seed 42, logging every step, no padding to multiples, same "
-                  "chat-templated tokens, tokens = those of prompt+chosen and prompt+rejected (TRL's count) on both "
-                  "sides, final model saved by both, each tool's default optimizer (alignkit torch AdamW; TRL "
-                  "adamw_torch_fused) and head init (alignkit N(0, 1/sqrt(d+1)); TRL transformers' default)",
-    }
-    subprocess.run([sys.executable, "-c", "import trl, alignkit.train.rm"], check=True)  # warm the page cache
-    for case in cases:
-        model, runs, contended = prepare(case), [], []
-        if model is None:
-            continue
-        for repeat in range(args.repeats):
-            for tool in tools:  # A B (C) A B (C)
-                job = {**CASES[case], "model": model, "data": str(WORK / CASES[case]["data"]), "repeat": repeat}
-                for attempt in range(args.retries + 1):  # a run that shared the CPU is kept aside and rerun
-                    run = run_one(tool, case, job, args)
-                    print(json.dumps({"case": case, "attempt": attempt, **run}), flush=True)
-                    if run["other_cores_busy"] <= args.max_other or attempt == args.retries:
-                        break
-                    contended.append(run)
-                runs.append(run)
-        results["cases"][case] = {"runs": runs, **summarize(runs, tools), "discarded_contended_runs": contended}
-        print(case, json.dumps(results["cases"][case]["ratios"]), flush=True)
-    results["settings"] = settings
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=1) + "\n")
-    if not args.no_docs:
-        write_docs(table(results))
-    print(table(results))
 
+def tools(args) -> list[str]:
+    return ["alignkit", "trl"] + [f"alignkit-{v.strip()}" for v in args.variants.split(",") if v.strip()]
+
+
+STAGE = Stage(
+    name="rm", script=__file__, doc=__doc__, cases=CASES, tools=("alignkit", "trl", "alignkit-flat", "alignkit-fused"),
+    worker=worker, prepare=prepare, metrics=metrics, options=options, pick_tools=tools,
+    settings=f"{SHARED_SETTINGS}, same chat-templated tokens, tokens = those of prompt+chosen and prompt+rejected "
+             f"(TRL's count) on both sides, {SAVED_AND_OPTIMIZERS} and head init (alignkit N(0, 1/sqrt(d+1)); TRL "
+             "transformers' default)",
+    columns="steady tokens/s | tokens per CPU s | step ms | time to 1st step s | end-to-end s | peak RSS MB "
+            "| other cores busy",
+    row="{steady_tokens_per_s:.0f} | {steady_tokens_per_cpu_s:.0f} | {steady_step_ms:.0f} | "
+        "{time_to_first_step_s:.1f} | {end_to_end_s:.1f} | {peak_rss_mb:.0f} | {other_cores_busy:.2f}",
+    extra_ratios={"tokens_per_cpu_s (alignkit/trl)": "steady_tokens_per_cpu_s"},
+    ratio_columns="tool | tokens/s vs TRL | tokens per CPU s vs TRL | end-to-end TRL/alignkit | 1st step TRL/alignkit "
+                  "| peak RSS alignkit/TRL",
+)
 
 if __name__ == "__main__":
-    main()
+    main(STAGE)
