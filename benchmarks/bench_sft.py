@@ -39,7 +39,7 @@ def worker(tool: str, job: dict) -> dict:
     from alignkit.config import SFTConfig
     from alignkit.train.sft import run_sft
 
-    return run_alignkit(run_sft, SFTConfig(**alignkit_config(job), mixed_precision="no"))
+    return run_alignkit(run_sft, SFTConfig(**alignkit_config(job)))
 
 
 def prepare(case: str) -> tuple[str, str]:

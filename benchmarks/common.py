@@ -28,10 +28,13 @@ WORK = HERE / ".work"  # tiny model, data, run outputs and logs (git-ignored)
 DOCS = ROOT / "docs" / "benchmarks.md"
 SHARED_PREDICTIONS = ROOT.parent / "shared" / "data" / "self_instruct" / "predictions"
 TINY = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256)
+# SmolLM2-135M's shape, for `--random-weights` runs where the real weights cannot travel (the GPU machine):
+# speed depends on the shape and the tokens, not on the weights' values
+SMOLLM_SHAPE = dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536)
 # what alignkit_config and run_trl set on both sides, and what each side keeps, for the note under each table
-SHARED_SETTINGS = ("fp32 (bf16 off), gradient checkpointing off, no gradient accumulation, linear LR schedule, "
+SHARED_SETTINGS = ("fp32 weights (bf16 autocast only where the machine line says so), gradient checkpointing off, no gradient accumulation, linear LR schedule, "
                    "no warmup, weight decay 0, grad clip 1.0, seed 42, logging every step, no padding to multiples")
-SAVED_AND_OPTIMIZERS = ("final model saved by both, each tool's default optimizer (alignkit torch AdamW; "
+SAVED_AND_OPTIMIZERS = ("final model saved by both, each tool's default optimizer (alignkit torch AdamW, fused; "
                         "TRL adamw_torch_fused)")
 
 
@@ -103,6 +106,7 @@ def alignkit_config(job: dict) -> dict:
         per_device_train_batch_size=job["batch"], gradient_accumulation_steps=1, learning_rate=job["lr"],
         lr_scheduler_type="linear", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
         max_length=job["max_length"], logging_steps=1, seed=42, progress=False, use_chat_template="yes",
+        mixed_precision="bf16" if job.get("bf16") else "no",
     )
 
 
@@ -126,10 +130,18 @@ def run_alignkit(train: Callable, config, logged: dict[str, str] | None = None) 
 
     loop.MetricsLog.write = stamped
     train(config)
+    peak = cuda_peak_mb()
     rows = [json.loads(line) for line in Path(config.output_dir, "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens" in r]
     return {"t": stamps, "cpu": cpu, "tokens": [r["tokens"] for r in rows], "loss": [r["loss"] for r in rows],
-            **{name: [r.get(key) for r in rows] for name, key in (logged or {}).items()}}
+            **{name: [r.get(key) for r in rows] for name, key in (logged or {}).items()}, **peak}
+
+
+def cuda_peak_mb() -> dict:
+    """{"cuda_peak_mb": the most GPU memory torch held at once} on a GPU run, {} on the CPU."""
+    import torch
+
+    return {"cuda_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if torch.cuda.is_available() else {}
 
 
 def run_trl(trainer_class, config_class, job: dict, logged: dict[str, str] | None = None, **config) -> dict:
@@ -152,16 +164,18 @@ def run_trl(trainer_class, config_class, job: dict, logged: dict[str, str] | Non
         output_dir=job["out"], max_steps=job["steps"], per_device_train_batch_size=job["batch"],
         gradient_accumulation_steps=1, learning_rate=job["lr"], lr_scheduler_type="linear", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, max_length=job["max_length"], logging_steps=1, seed=42,
-        gradient_checkpointing=False, bf16=False, use_cpu=True, report_to=[], save_strategy="no",
+        gradient_checkpointing=False, bf16=bool(job.get("bf16")), use_cpu=job.get("device", "cpu") == "cpu",
+        report_to=[], save_strategy="no",
         disable_tqdm=True, model_init_kwargs={"dtype": "float32"}, **config,
     )
     trainer = trainer_class(model=job["model"], args=args, train_dataset=Dataset.from_list(rows),
                             processing_class=tokenizer, callbacks=[Clock()])
     trainer.train()
+    peak = cuda_peak_mb()
     trainer.save_model(job["out"])  # alignkit always writes the final model; so does this job
     logs = [h for h in trainer.state.log_history if "loss" in h and "num_tokens" in h]
     return {"t": stamps, "cpu": cpu, "tokens": [int(h["num_tokens"]) for h in logs], "loss": [h["loss"] for h in logs],
-            **{name: [h.get(key) for h in logs] for name, key in (logged or {}).items()}}
+            **{name: [h.get(key) for h in logs] for name, key in (logged or {}).items()}, **peak}
 
 
 # ---------------------------------------------------------------------------------------------- data & models
@@ -176,11 +190,14 @@ def model_path(name: str) -> str:
     """"tiny" -> the random tiny Llama (made once); anything else -> alignkit's resolution of the name."""
     from alignkit.models import make_tiny_model, resolve_model_path
 
-    if name != "tiny":
+    if name == "tiny":
+        model, shape = WORK / "tiny-llama", TINY
+    elif name == "smollm2-135m-instruct" and os.environ.get("BENCH_RANDOM_WEIGHTS"):
+        model, shape = WORK / "smollm-shape-random", SMOLLM_SHAPE
+    else:
         return resolve_model_path(name)
-    model = WORK / "tiny-llama"
     if not (model / "config.json").exists():
-        make_tiny_model(model, **TINY)
+        make_tiny_model(model, **shape)
     return str(model)
 
 
@@ -255,6 +272,7 @@ def run_one(stage: Stage, tool: str, case: str, job: dict, args) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{tool} on {case} failed; see {log_path}")
     raw = json.loads((out / "bench_trace.json").read_text())
+    gpu = {"cuda_peak_mb": raw.pop("cuda_peak_mb")} if "cuda_peak_mb" in raw else {}
     trace = Trace(t=raw.pop("t"), cpu=raw.pop("cpu"), tokens=raw.pop("tokens"), loss=raw.pop("loss"), logged=raw,
                   warmup=job["warmup"], start=start)
     t, tokens, w = trace.t, trace.tokens, trace.warmup
@@ -272,7 +290,7 @@ def run_one(stage: Stage, tool: str, case: str, job: dict, args) -> dict:
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "cpu_s": round(cpu_s, 1),
         "first_loss": round(trace.loss[0], 4), "final_loss": round(trace.loss[-1], 4),
-        **stage.metrics(trace),
+        **stage.metrics(trace), **gpu,
     }
 
 
@@ -358,10 +376,16 @@ def write_docs(stage: Stage, text: str) -> None:
 
 def settings(stage: Stage, cases: dict[str, dict], args) -> dict:
     threads = os.environ.get("OMP_NUM_THREADS")
+    machine = (f"{os.cpu_count()}-core CPU ({platform.machine()}, shared), "
+               + (f"OMP_NUM_THREADS={threads}" if threads else "torch default threads") + (", bf16 autocast" if args.bf16 else ""))
+    if args.device == "cuda":
+        import torch
+
+        machine = f"{torch.cuda.get_device_name()} GPU, {'bf16 autocast' if args.bf16 else 'fp32'}"
+        machine += ", random weights of SmolLM2-135M's shape" if args.random_weights else ""
     return {
         "repeats": args.repeats, "versions": versions(),
-        "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}, shared), "
-                   + (f"OMP_NUM_THREADS={threads}" if threads else "torch default threads"),
+        "machine": machine,
         "cases": {c: dict(v) | ({"tiny_model": TINY} if v["model"] == "tiny" else {}) for c, v in cases.items()},
         "common": stage.settings,
     }
@@ -382,6 +406,11 @@ def parse_args(stage: Stage) -> argparse.Namespace:
     parser.add_argument("--retries", type=int, default=1, help="... at most this many times; the quietest run counts")
     parser.add_argument("--steps", type=int, help="override every case's steps (a short smoke run; warm-up cut to "
                         "at most half of them); keep such results out of benchmarks/results with --output")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: both tools train on the GPU (alignkit picks it by itself; TRL gets use_cpu=False)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (fp32 weights)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the smollm cases use a random model of SmolLM2-135M's shape (no built-in weights needed)")
     parser.add_argument("--output", default=str(HERE / "results" / f"{stage.name}.json"))
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
     parser.add_argument("--docs-only", action="store_true", help="run nothing: rebuild the table from --output")
@@ -419,6 +448,8 @@ def main(stage: Stage) -> None:
         report(stage, json.loads(output.read_text()), args)
         return
 
+    if args.random_weights:
+        os.environ["BENCH_RANDOM_WEIGHTS"] = "1"  # read by model_path, here and in the workers
     tools = stage.pick_tools(args) if stage.pick_tools else list(stage.tools)
     cases = case_settings(stage, args)
     (WORK / "runs").mkdir(parents=True, exist_ok=True)
@@ -434,7 +465,8 @@ def main(stage: Stage) -> None:
         runs, contended = [], []
         for repeat in range(args.repeats):
             for tool in tools:  # alternating: A B A B (A B C D ... with more tools)
-                job = {**cases[case], "model": model, "data": data, "repeat": repeat}
+                job = {**cases[case], "model": model, "data": data, "repeat": repeat,
+                       **({"device": "cuda"} if args.device == "cuda" else {}), **({"bf16": True} if args.bf16 else {})}
                 run, aside = run_quietest(stage, tool, case, job, args)
                 runs.append(run)
                 contended += aside

