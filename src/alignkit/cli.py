@@ -205,6 +205,11 @@ def demo(
         _fail(error)
 
 
+from alignkit.serve.commands import register as _register_serving  # noqa: E402  (chat, serve, feedback export)
+
+_register_serving(app)
+
+
 def main() -> None:
     app(sys.argv[1:])
 

@@ -1,0 +1,1 @@
+"""Terminal chat and conversation history under a token budget."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: batching engine, FastAPI app, web page, feedback store."""
