@@ -201,3 +201,39 @@ def test_peft_wrapped_model(tiny_path, prompt_ids):
     assert torch.equal(out.response_ids, plain.response_ids)
     torch.testing.assert_close(out.logprobs, plain.logprobs, atol=1e-5, rtol=0)
     assert all(m.training for m in wrapped.modules())  # dropout back on after sampling
+
+
+def _nucleus_by_full_sort(logits, top_p):
+    """The definition, on the whole vocabulary: stable descending sort, keep while the mass before < top_p."""
+    values, order = logits.sort(dim=-1, descending=True, stable=True)
+    probs = values.softmax(-1)
+    keep_sorted = (probs.cumsum(-1) - probs) < top_p
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.9, 0.999])
+def test_nucleus_filter_equals_the_full_sort_definition(top_p):
+    from alignkit.generation import _filter_logits
+
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(4, 5000, generator=g) * 4  # nucleus inside the candidates
+    flat = torch.randn(3, 5000, generator=g) * 0.01  # nucleus far beyond them: the fallback path
+    ties = torch.zeros(2, 5000)  # all equal: the lowest ids must win
+    ties[1, 4000:4010] = 5.0
+    for logits in (peaked, flat, ties, torch.cat([peaked[:2], flat[:1]])):
+        got, expected = _filter_logits(logits, 0, top_p), _nucleus_by_full_sort(logits, top_p)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+
+
+def test_sample_categorical_draws_the_distribution_and_never_a_zero_mass_token():
+    from alignkit.generation import sample_categorical
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]]).expand(100_000, -1).contiguous()
+    draws = sample_categorical(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs[0].double(), atol=0.005)  # the largest standard error is 0.0015 (p = 0.6)
+    again = sample_categorical(probs[:50], torch.Generator().manual_seed(0))
+    assert torch.equal(again, draws[:50])
