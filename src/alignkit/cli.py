@@ -205,6 +205,10 @@ def demo(
         _fail(error)
 
 
+from alignkit.evaluate.commands import eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
+
 from alignkit.serve.commands import register as _register_serving  # noqa: E402  (chat, serve, feedback export)
 
 _register_serving(app)
