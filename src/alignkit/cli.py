@@ -185,8 +185,10 @@ def data_tasks(
 
 
 from alignkit.data.flan_mixture import flan_command  # noqa: E402
+from alignkit.data.self_instruct import self_instruct_command  # noqa: E402
 
 data_app.command("flan", help="Render data sets through Flan-style templates and mix them into SFT-ready JSONL.")(flan_command)
+data_app.command("self-instruct")(self_instruct_command)
 
 
 @app.command()
