@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,7 +32,7 @@ from alignkit.data.preferences import load_preferences, tokenize_preferences
 from alignkit.data.tokenize import Formatting, pad_right
 from alignkit.losses import DPO_LOSS_TYPES, chosen_nll, dpo_losses
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, trunk_and_head, unwrap_base
-from alignkit.train.loop import Stage, train
+from alignkit.train.loop import Stage, load_datasets, train, write_data_report
 
 # (model being trained, batch) -> reference log-probs [2B] (chosen rows, then rejected rows)
 Reference = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -246,14 +244,9 @@ def run_dpo(cfg: DPOConfig) -> dict:
     """Train cfg.model_name_or_path on the preference pairs of cfg.dataset; returns the last logged metrics."""
     validate(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    report: dict = {}
-    train_pairs = build_pairs(cfg.dataset, cfg.dataset_split, tokenizer, cfg, "train", report)
-    eval_split = "test" if cfg.eval_dataset.startswith(("builtin:", "builtin_pref:")) else cfg.dataset_split
-    eval_pairs = build_pairs(cfg.eval_dataset, eval_split, tokenizer, cfg, "eval", report) if cfg.eval_dataset else None
-    if not train_pairs:
-        raise ValueError(f"{cfg.dataset}: no usable preference pairs left (see the counts above)")
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    Path(cfg.output_dir, "data_report.json").write_text(json.dumps(report, indent=1))
+    build = lambda source, split, name, report: build_pairs(source, split, tokenizer, cfg, name, report)  # noqa: E731
+    train_pairs, eval_pairs, report = load_datasets(cfg, build, "preference pairs")
+    write_data_report(cfg, report)
 
     model = load_causal_lm(cfg.model_name_or_path)
     starting_adapter = hasattr(model, "peft_config")

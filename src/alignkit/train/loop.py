@@ -47,6 +47,24 @@ class Stage:
 # pieces
 
 
+def load_datasets(cfg: TrainConfig, build: Callable[[str, str, str, dict], list], what: str) -> tuple[list, list | None, dict]:
+    """Training and evaluation examples of a stage: `build(source, split, name, report)` for cfg.dataset and, if
+    set, cfg.eval_dataset (built-in sources evaluate on their held-out "test" split). Returns them with the
+    per-source report (counts of kept, truncated, dropped and invalid rows) that `write_data_report` saves."""
+    report: dict = {}
+    train_examples = build(cfg.dataset, cfg.dataset_split, "train", report)
+    eval_split = "test" if cfg.eval_dataset.startswith(("builtin:", "builtin_pref:")) else cfg.dataset_split
+    eval_examples = build(cfg.eval_dataset, eval_split, "eval", report) if cfg.eval_dataset else None
+    if not train_examples:
+        raise ValueError(f"{cfg.dataset}: no usable {what} left (see the counts above)")
+    return train_examples, eval_examples, report
+
+
+def write_data_report(cfg: TrainConfig, report: dict) -> None:
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.output_dir, "data_report.json").write_text(json.dumps(report, indent=1))
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState

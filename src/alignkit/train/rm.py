@@ -31,7 +31,7 @@ from alignkit.data.tokenize import Formatting, pad_right
 from alignkit.losses import reward_model_loss_sum
 from alignkit.models import LoraSettings, apply_lora, load_tokenizer, save_model
 from alignkit.rewards import RewardModel, init_head, load_reward_model, score_sequences, write_normalization
-from alignkit.train.loop import Stage, train
+from alignkit.train.loop import Stage, load_datasets, train, write_data_report
 
 
 def formatting(cfg: RMConfig) -> Formatting:
@@ -172,14 +172,9 @@ def run_rm(cfg: RMConfig) -> dict:
     if not cfg.dataset:
         raise ValueError("--dataset is required: preference rows (prompt/chosen/rejected, or prompt/responses) or builtin_pref:TASK")
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    report: dict = {}
-    train_examples = build_examples(cfg.dataset, cfg.dataset_split, tokenizer, cfg, "train", report)
-    eval_split = "test" if cfg.eval_dataset.startswith(("builtin:", "builtin_pref:")) else cfg.dataset_split
-    eval_examples = build_examples(cfg.eval_dataset, eval_split, tokenizer, cfg, "eval", report) if cfg.eval_dataset else None
-    if not train_examples:
-        raise ValueError(f"{cfg.dataset}: no usable training examples left (see the counts above)")
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    Path(cfg.output_dir, "data_report.json").write_text(json.dumps(report, indent=1))
+    build = lambda source, split, name, report: build_examples(source, split, tokenizer, cfg, name, report)  # noqa: E731
+    train_examples, eval_examples, report = load_datasets(cfg, build, "training examples")
+    write_data_report(cfg, report)
 
     rm = build_model(cfg, tokenizer)
     shared, pad_id = shares_prompts(rm), tokenizer.pad_token_id

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -13,7 +11,7 @@ from alignkit.data.formats import InvalidRows, load_sft_examples
 from alignkit.data.tokenize import Formatting, pack, tokenize_all
 from alignkit.losses import weighted_cross_entropy_sum
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, selected_logits
-from alignkit.train.loop import Stage, train
+from alignkit.train.loop import Stage, load_datasets, train, write_data_report
 
 
 @dataclass
@@ -89,18 +87,13 @@ def run_sft(cfg: SFTConfig) -> dict:
     if not cfg.dataset:
         raise ValueError("--dataset is required (a file, a datasets dir, a hub id, or builtin:TASK[,TASK])")
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    report: dict = {}
-    train_examples = build_examples(cfg.dataset, cfg.dataset_split, tokenizer, cfg, "train", report)
-    eval_split = "test" if cfg.eval_dataset.startswith("builtin:") else cfg.dataset_split
-    eval_examples = build_examples(cfg.eval_dataset, eval_split, tokenizer, cfg, "eval", report) if cfg.eval_dataset else None
-    if not train_examples:
-        raise ValueError(f"{cfg.dataset}: no usable training examples left (see the counts above)")
+    build = lambda source, split, name, report: build_examples(source, split, tokenizer, cfg, name, report)  # noqa: E731
+    train_examples, eval_examples, report = load_datasets(cfg, build, "training examples")
     if cfg.packing:
         train_examples = pack_examples(train_examples, cfg.max_length)
         report["train"]["packed_rows"] = len(train_examples)
         print(f"packed into {len(train_examples)} rows of at most {cfg.max_length} tokens")
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    Path(cfg.output_dir, "data_report.json").write_text(json.dumps(report, indent=1))
+    write_data_report(cfg, report)
 
     model = load_causal_lm(cfg.model_name_or_path)
     if cfg.use_peft and not hasattr(model, "peft_config"):
