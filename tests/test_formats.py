@@ -419,3 +419,22 @@ def test_builtin_errors():
     with pytest.raises(DataError) as error:
         load_sft_examples("builtin:reversal:five")
     assert str(error.value) == "builtin:reversal:five: N must be a whole number, got 'five': use builtin:TASK[,TASK...][:N]"
+
+
+def test_hub_id_with_a_config_name(monkeypatch):
+    """`ID:CONFIG` picks a configuration (glue's sst2); plain ids pass no config."""
+    import datasets
+
+    from alignkit.data.formats import read_rows
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return [{"sentence": "a fine film", "label": 1}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = read_rows("nyu-mll/glue:sst2", split="validation")
+    assert calls == [("nyu-mll/glue", "sst2", "validation")] and rows[0].data["sentence"] == "a fine film"
+    read_rows("stanfordnlp/sst2")
+    assert calls[-1] == ("stanfordnlp/sst2", None, "train")

@@ -187,10 +187,12 @@ def _read_datasets_dir(path: Path, split: str) -> list[Row]:
 
 
 def _read_hub(dataset_id: str, split: str) -> list[Row]:
+    """A hub data set, `ID` or `ID:CONFIG` (e.g. `nyu-mll/glue:sst2`; hub ids never contain a colon)."""
     import datasets
 
+    name, _, config = dataset_id.partition(":")
     try:
-        loaded = datasets.load_dataset(dataset_id, split=split)
+        loaded = datasets.load_dataset(name, config or None, split=split)
     except Exception as error:  # offline, unknown id, gated: all end here with the cause
         raise DataError(dataset_id, f"not a file or directory, and loading it from the hub failed: {error}") from None
     return [Row(r, f"{dataset_id} ({split}) row {i + 1}") for i, r in enumerate(loaded)]
