@@ -39,14 +39,19 @@ def config_command(name: str, cls: type, run: Callable, help: str) -> None:
             default=typer.Option(None, "--config", help="YAML file whose keys are these flag names; flags override it"),
         )
     ]
+    repeatable = [f.name for f in dataclasses.fields(cls) if f.metadata.get("repeatable")]
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         decls = [f"--{f.name}/--no_{f.name}"] if kind is bool else [f"--{f.name}"]
         option = typer.Option(None, *decls, help=f"{f.metadata.get('help', '')} \\[default: {f.default!r}]", show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind], default=option))
+        # a repeatable field is a comma-separated string; its flag may also be given several times
+        annotation = Optional[list[kind]] if f.name in repeatable else Optional[kind]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option))
 
     def command(**kwargs):
         config_file = kwargs.pop("config")
+        for name in repeatable:
+            kwargs[name] = ",".join(kwargs[name]) if kwargs[name] else None
         try:
             run(load_config(cls, config_file, kwargs))
         except USER_ERRORS as error:
