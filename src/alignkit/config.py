@@ -129,18 +129,23 @@ class PPOConfig(TrainConfig):
     max_steps: int = knob(100, "rollout-and-update iterations")
     logging_steps: int = knob(1, "log to metrics.jsonl every N iterations")
     reward_model: str = knob("", "reward model directory (an `alignkit rm` output) scoring prompt + response")
-    reward_fn: str = knob("", "comma-separated reward functions: module:function | path/file.py:function | builtin:exact_match | builtin:sentiment")
-    reward_weights: str = knob("", "comma-separated weights: the reward model first (if any), then each --reward_fn (default 1)")
+    # `repeatable`: the CLI may take the flag several times and join the values with commas
+    reward_fn: str = knob("", "reward functions, comma-separated: module:function | path/file.py:function | builtin:exact_match | builtin:sentiment",
+                          repeatable=True)
+    reward_weights: str = knob("", "one weight per reward source, comma-separated: the reward model first (if any), then each --reward_fn "
+                               "in order (default: all 1)", repeatable=True)
     ref_model: str = knob("", "reference model for the KL penalty (default: a frozen copy of the starting policy; with fresh --use_peft adapters, the adapters disabled)")
     advantage_estimator: str = knob("gae", "gae (PPO with a value head) | rloo | grpo (critic-free, k samples per prompt)")
     num_samples_per_prompt: int = knob(1, "k: responses sampled per prompt (≥ 2 for rloo/grpo)")
-    rollout_batch_size: int = knob(16, "prompts per iteration (× num_samples_per_prompt responses)")
+    rollout_batch_size: int = knob(16, "prompts per iteration (× num_samples_per_prompt responses), over all processes")
     num_ppo_epochs: int = knob(4, "passes over each rollout batch")
     mini_batch_size: int = knob(8, "responses per optimizer step")
     max_prompt_length: int = knob(512, "prompts longer than this (tokens) are dropped")
     max_new_tokens: int = knob(64, "response length limit (tokens)")
     temperature: float = knob(1.0, "sampling temperature (log-probs use the same)")
     top_p: float = knob(1.0, "nucleus sampling")
+    recompute_old_logprobs: bool = knob(False, "recompute log π_old, the entropy and V_old with a teacher-forced pass after sampling instead of "
+                                        "keeping the sampler's (equal up to float rounding; costs one forward pass of the policy per iteration)")
     kl_coef: float = knob(0.05, "β: weight of the per-token KL penalty (initial value when adaptive)")
     kl_estimator: str = knob("k1", "k1 (log π − log π_ref) | k3 ((r − 1) − log r)")
     kl_target: float = knob(0.0, "adaptive β: target KL per response (0 = fixed β)")

@@ -134,16 +134,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, total=None) -> torch.Tensor:
     """(x − μ) / √(σ² + eps) over the masked entries, with μ = Σ m·x / Σ m and σ² = Σ m·(x − μ)² / Σ m
     (population variance). With shift_mean=False the mean is added back: x is only rescaled. Masked
-    entries are returned as 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    entries are returned as 0. `total` (e.g. an all-reduce) turns each local sum into the sum over all
+    processes, so μ and σ² are those of the whole batch; None: this tensor alone."""
+    total = total or (lambda t: t)
+    mask = mask.to(x.dtype)
+    count = total(mask.sum()).clamp(min=1)
+    mean = total((x * mask).sum()) / count
+    var = total(((x - mean) ** 2 * mask).sum()) / count
     out = (x - mean) / torch.sqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return out * mask
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:

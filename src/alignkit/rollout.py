@@ -12,9 +12,15 @@ The framing (one episode = one response to one prompt):
              (`TextGenerationEnv.terminal_rewards`); the PPO trainer adds −β·KL(π‖π_ref) at every token.
 
 `rollout` samples a batch of episodes with the KV-cache sampler (`alignkit.generation.generate`:
-left-padded prompts, position ids that skip padding). `policy_forward` recomputes the log-probs of the
-sampled actions with a teacher-forced pass over the same token sequences, the same attention mask,
-position ids and temperature, so before any update the PPO ratio π/π_old is 1 (up to float rounding).
+left-padded prompts, position ids that skip padding). It keeps what PPO needs of the sampling policy
+π_old, so no second pass over the episodes is needed: the log-prob of each sampled action (the
+sampler's), and — read by a forward hook on the LM head at each decoding step — the entropy of
+π_old(·|s_t) and V(s_t) from a value head on the same hidden state.
+
+`policy_forward` recomputes all three with a teacher-forced pass over the same token sequences,
+attention mask, position ids and temperature: the training forward. The two paths compute the same
+functions of the same weights and differ only by float rounding (the KV-cache decode multiplies in
+another order), ~1e-6 on CPU in float32, so before any update the PPO ratio π/π_old is 1 up to that.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class Episodes:
     finished: torch.Tensor  # [B] bool: ended on a stop token
     prompts: list[str]  # decoded prompt text (as formatted for the model)
     responses: list[str]  # decoded response text, special tokens removed
+    entropy: torch.Tensor | None = None  # [B, T] entropy of π(· | s_t) at sampling time (if recorded)
+    values: torch.Tensor | None = None  # [B, T] V(s_t) from the value head at sampling time (if recorded)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -52,10 +60,11 @@ class Episodes:
 
     def select(self, rows: torch.Tensor | list[int]) -> "Episodes":
         index = torch.as_tensor(rows, dtype=torch.long)
-        take = lambda t: t[index.to(t.device)]
+        take = lambda t: None if t is None else t[index.to(t.device)]
         return Episodes(
             take(self.prompt_ids), take(self.prompt_mask), take(self.response_ids), take(self.response_mask),
             take(self.logprobs), take(self.finished), [self.prompts[i] for i in index.tolist()], [self.responses[i] for i in index.tolist()],
+            take(self.entropy), take(self.values),
         )
 
 
@@ -81,12 +90,49 @@ class TextGenerationEnv:
         return rewards * response_mask
 
 
-def rollout(model, tokenizer, prompt_ids: list[list[int]], params: SamplingParams) -> Episodes:
-    """Sample one episode per prompt (repeat a prompt for several samples)."""
-    out = generate(model, tokenizer, prompt_ids, params)
+class _StepRecorder:
+    """Forward hook on the LM head while sampling. The head runs once per decoding step: on the prefill's
+    last column (state s_0), then on each new column (s_1, s_2, ...). Its input is the last hidden state
+    of s_t and its output the logits of π(·|s_t): from them it keeps V(s_t) (value head) and the entropy
+    H_t = −Σ_a π(a|s_t) log π(a|s_t) of the temperature-scaled, unfiltered distribution."""
+
+    def __init__(self, temperature: float, value_head: torch.nn.Module | None, entropy: bool):
+        self.temperature, self.value_head, self.entropy = temperature, value_head, entropy
+        self.values: list[torch.Tensor] = []
+        self.entropies: list[torch.Tensor] = []
+
+    def __call__(self, module, inputs, output) -> None:
+        if self.value_head is not None:
+            self.values.append(self.value_head(inputs[0][:, -1].float()).squeeze(-1))
+        if self.entropy:
+            log_probs = (output[:, -1].float() / self.temperature).log_softmax(-1)
+            self.entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+
+    def stacked(self, records: list[torch.Tensor], steps: int, mask: torch.Tensor) -> torch.Tensor | None:
+        if not records or len(records) != steps:  # the head did not run once per step: nothing exact to give
+            return None
+        return torch.stack(records, 1)[:, :steps] * mask.to(records[0].device).float()
+
+
+def rollout(model, tokenizer, prompt_ids: list[list[int]], params: SamplingParams,
+            value_head: torch.nn.Module | None = None, entropy: bool = False) -> Episodes:
+    """Sample one episode per prompt (repeat a prompt for several samples).
+
+    With `entropy` (and a `value_head`), also record H_t (and V(s_t)) during sampling; they stay None
+    where the model cannot be hooked that way (no separate LM head), and the caller recomputes them."""
+    trunk, head = trunk_and_head(model)
+    recorder = _StepRecorder(1.0 if params.temperature <= 0 else float(params.temperature), value_head, entropy)
+    hook = head.register_forward_hook(recorder) if head is not None and (entropy or value_head is not None) else None
+    try:
+        out = generate(model, tokenizer, prompt_ids, params)
+    finally:
+        if hook is not None:
+            hook.remove()
     prompts = tokenizer.batch_decode([p for p in prompt_ids], skip_special_tokens=False)
     responses = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(out.response_ids, out.response_mask)]
-    return Episodes(out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask, out.logprobs, out.finished, prompts, responses)
+    steps = out.response_ids.shape[1]
+    return Episodes(out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask, out.logprobs, out.finished, prompts, responses,
+                    recorder.stacked(recorder.entropies, steps, out.response_mask), recorder.stacked(recorder.values, steps, out.response_mask))
 
 
 def make_env(model, tokenizer, params: SamplingParams) -> TextGenerationEnv:

@@ -1,9 +1,11 @@
 """PPO for language models (and the critic-free RLOO/GRPO estimators in the same loop).
 
 One iteration (= one --max_steps step):
-  1. rollout: sample k responses to each of --rollout_batch_size prompts (`alignkit.rollout`);
+  1. rollout: sample k responses to each of --rollout_batch_size prompts (`alignkit.rollout`). The sampler
+     keeps log π_old of each action and, from a hook on the LM head, the entropy and V_old (value head) of
+     each state: no second pass of the policy (--recompute_old_logprobs asks for one);
   2. score them (`alignkit.rewards.build_reward`), apply the missing-EOS penalty, normalization, clipping;
-  3. recompute log π_old, V_old and log π_ref with teacher forcing; per-token reward
+  3. log π_ref with teacher forcing (and V_old from a separate critic, if any); per-token reward
      r_t = −β·KL_t (+ the score at the last token);
   4. advantages: GAE on the value head (gae), or a per-response leave-one-out / group-normalized
      baseline on R = score − β·Σ_t KL_t (rloo / grpo);
@@ -11,9 +13,11 @@ One iteration (= one --max_steps step):
      (+ ptx_coef · LM loss on --ptx_dataset), stopping early when the approximate KL to π_old > target_kl;
   6. adaptive β (when --kl_target > 0), one metrics.jsonl row, an optional checkpoint.
 
-Dropout is off throughout (the policy stays in eval mode), so the ratio π/π_old is exactly 1 before
-the first update. The sampling seed of iteration i is a function of (--seed, i), so resuming from a
-checkpoint replays the same rollouts. Runs on one process (one device).
+Dropout is off throughout (the policy stays in eval mode), so the ratio π/π_old is 1 before the first
+update (up to float rounding between the sampler's KV-cache decode and the training forward). The sampling
+seed of iteration i is a function of (--seed, i, process), so resuming from a checkpoint replays the same
+rollouts. Under torchrun, each process samples, scores and trains on its share of the prompts; batch
+statistics, loss normalizers and gradients span all processes (`Processes`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,7 @@ from alignkit.data.formats import DataError, InvalidRows, read_rows, sft_example
 from alignkit.data.tokenize import Formatting, prompt_text
 from alignkit.generation import SamplingParams
 from alignkit.losses import (
-    KL_ESTIMATORS, gae, grpo_advantages, kl_penalty, masked_mean, ppo_policy_loss_sum, ppo_value_loss_sum,
-    rloo_advantages, whiten,
+    KL_ESTIMATORS, gae, grpo_advantages, kl_penalty, ppo_policy_loss_sum, ppo_value_loss_sum, rloo_advantages, whiten,
 )
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, unwrap_base
 from alignkit.rollout import Episodes, TextGenerationEnv, critic_values, policy_forward, rollout
@@ -73,7 +76,7 @@ def _prompt_messages(row) -> tuple[list[dict] | None, str | None, str | None]:
     return messages[:-1], None, messages[-1]["content"]
 
 
-def load_prompts(source: str, split: str, tokenizer, cfg: PPOConfig) -> list[PromptExample]:
+def load_prompts(source: str, split: str, tokenizer, cfg: PPOConfig, verbose: bool = True) -> list[PromptExample]:
     """Prompt-only rows ({"prompt"}, {"messages"} ending with a user turn) or any SFT format (the final
     assistant turn becomes the `completion` column). Prompts over --max_prompt_length are dropped."""
     invalid = InvalidRows(skip=cfg.skip_invalid)
@@ -94,8 +97,9 @@ def load_prompts(source: str, split: str, tokenizer, cfg: PPOConfig) -> list[Pro
         if completion is not None:
             columns["completion"] = completion
         examples.append(PromptExample(ids, columns))
-    print(f"prompts ({source}): {len(examples)} kept, {too_long} over --max_prompt_length {cfg.max_prompt_length} dropped")
-    if invalid.total:
+    if verbose:
+        print(f"prompts ({source}): {len(examples)} kept, {too_long} over --max_prompt_length {cfg.max_prompt_length} dropped")
+    if invalid.total and verbose:
         print(invalid.summary())
     if not examples:
         raise ValueError(f"{source}: no usable prompts")
@@ -149,21 +153,97 @@ def _ptx_examples(cfg: PPOConfig, tokenizer) -> list:
     return [SFTExample(i, w) for i, w in zip(tokenized.input_ids, tokenized.weights)]
 
 
+class Processes:
+    """This process's share of a PPO iteration under torchrun, and the collectives PPO needs (no-ops alone).
+
+    The global batch of an iteration is its N = rollout_batch_size · k responses in prompt order: rows
+    g·k … g·k + k − 1 answer prompt g. Process r of W owns the prompts g ≡ r (mod W), samples, scores and
+    trains on their rows (k-sample groups never straddle processes). Every batch statistic (whitening,
+    score normalization, metrics) and every loss normalizer is taken over the global batch, and gradients
+    are summed over processes, so W processes make the update that one process holding the whole batch
+    would make (up to float rounding; the samples differ, each process drawing its own).
+    """
+
+    def __init__(self, world: int, rank: int, k: int):
+        self.world, self.rank, self.k = world, rank, k
+
+    def owns(self, row: int) -> bool:
+        return (row // self.k) % self.world == self.rank
+
+    def local(self, row: int) -> int:
+        """Index among this process's rows of the global row `row` (which it owns)."""
+        return (row // self.k) // self.world * self.k + row % self.k
+
+    def sum(self, x: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+        if self.world == 1:
+            return x
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x, op=getattr(torch.distributed.ReduceOp, op))
+        return x
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sum(x, "MAX")
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, ...] rows of this process -> [N, ...] rows of the global batch, in global order."""
+        if self.world == 1:
+            return x
+        x = x.detach().float().contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, x)
+        # part r holds, per local prompt j, the k rows of global prompt j·W + r
+        grouped = torch.stack(parts).view(self.world, -1, self.k, *x.shape[1:]).transpose(0, 1)
+        return grouped.reshape(-1, *x.shape[1:])
+
+    def broadcast(self, params: list[torch.Tensor]) -> None:
+        """Start every process from rank 0's weights (fresh LoRA adapters and heads are random)."""
+        for p in params if self.world > 1 else []:
+            torch.distributed.broadcast(p.data, 0)
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """grad ← Σ_processes grad (a process without rows in the minibatch adds zeros)."""
+        for p in params if self.world > 1 else []:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+
+
+def _masked_stats(x: torch.Tensor, mask: torch.Tensor, procs: Processes) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, population variance) of x over the masked entries of the global batch."""
+    count = procs.sum(mask.sum()).clamp(min=1)
+    mean = procs.sum((x * mask).sum()) / count
+    return mean, procs.sum(((x - mean) ** 2 * mask).sum()) / count
+
+
+def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, procs: Processes) -> float:
+    """1 − Var(R − V) / Var(R) over the response tokens of the batch."""
+    _, var = _masked_stats(returns, mask, procs)
+    _, residual = _masked_stats(returns - values, mask, procs)
+    return float(1 - residual / var) if var > 0 else float("nan")
+
+
 @torch.no_grad()
-def _score(reward, episodes: Episodes, batch: list[PromptExample], cfg: PPOConfig, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(raw scores, shaped scores, per-source means)."""
+def _score(reward, episodes: Episodes, batch: list[PromptExample], device) -> tuple[torch.Tensor, dict[str, float]]:
+    """(raw scores of this process's responses, per-source score sums)."""
     keys = sorted({k for p in batch for k in p.columns})
     columns = {k: [p.columns.get(k) for p in batch] for k in keys}
     columns["finished"] = episodes.finished.tolist()
     columns["response_ids"] = [r[m.bool()].tolist() for r, m in zip(episodes.response_ids, episodes.response_mask)]
     raw = torch.tensor(reward(episodes.prompts, episodes.responses, **columns), dtype=torch.float32, device=device)
-    scores = raw - cfg.missing_eos_penalty * (~episodes.finished.to(device)).float()
-    if cfg.normalize_scores and len(scores) > 1:
-        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    several = len(getattr(reward, "sources", [])) > 1
+    return raw, {f"score/{name}": sum(v) for name, v in getattr(reward, "last_components", {}).items()} if several else {}
+
+
+def _shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig, procs: Processes) -> torch.Tensor:
+    """Missing-EOS penalty, then standardization over the global batch (unbiased std), then clipping."""
+    scores = raw - cfg.missing_eos_penalty * (~finished.to(raw.device)).float()
+    if cfg.normalize_scores:
+        everyone = procs.gather(scores)
+        if len(everyone) > 1:
+            scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
     if cfg.score_clip > 0:
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-    parts = {f"score/{name}": sum(v) / len(v) for name, v in getattr(reward, "last_components", {}).items()} if len(getattr(reward, "sources", [])) > 1 else {}
-    return raw, scores, parts
+    return scores
 
 
 @torch.no_grad()
@@ -175,34 +255,167 @@ def _forward_all(lm, episodes: Episodes, cfg: PPOConfig, value_head=None, entrop
     return cat("logprobs"), cat("entropy"), cat("values")
 
 
-def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    residual = returns - values
-    return float(1 - masked_mean((residual - masked_mean(residual, mask)) ** 2, mask) / var) if var > 0 else float("nan")
+@torch.no_grad()
+def _critic_all(critic, episodes: Episodes, size: int) -> torch.Tensor:
+    n = len(episodes.prompts)
+    return torch.cat([critic_values(critic, episodes.select(list(range(s, min(s + size, n))))) for s in range(0, n, size)])
 
 
-def run_ppo(cfg: PPOConfig) -> dict:
-    """Train cfg.model_name_or_path with PPO/RLOO/GRPO on the prompts of cfg.dataset; returns the last metrics row."""
-    from accelerate.utils import set_seed
+@dataclass
+class Experience:
+    """One iteration's rollouts on this process, with what the update needs. Per-row tensors are this
+    process's rows; `lengths` and `tokens` are per global row (every process knows the whole batch's sizes)."""
 
-    from alignkit.rewards import build_reward
+    episodes: Episodes
+    mask: torch.Tensor  # [n, T] response tokens
+    old_logp: torch.Tensor  # [n, T] log π_old(a_t | s_t)
+    old_values: torch.Tensor | None  # [n, T] V_old(s_t) (gae)
+    advantages: torch.Tensor  # [n, T]
+    returns: torch.Tensor | None  # [n, T] (gae)
+    lengths: torch.Tensor  # [N] response tokens per global row
+    tokens: torch.Tensor  # [N] prompt + response tokens per global row
+    stats: dict  # batch statistics for the metrics row
+    seconds: dict  # time per phase
+
+
+def _experience(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", ref, reward, tokenizer, batch: list[PromptExample],
+                step: int, beta: float, device) -> Experience:
+    """Steps 1–4 of the iteration on this process's prompts."""
+    seconds, clock = {}, [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        clock.append(time.perf_counter())
+        seconds[name] = clock[-1] - clock[-2]
+
+    k, lm = cfg.num_samples_per_prompt, policy.lm
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=(cfg.seed * 1_000_003 + step) * procs.world + procs.rank)
+    from_sampler = not cfg.recompute_old_logprobs
+    episodes = rollout(lm, tokenizer, [p.ids for p in batch], params, policy.value_head if from_sampler else None, entropy=from_sampler)
+    lap("generation")
+    mask = episodes.response_mask.to(device).float()
+    raw, parts = _score(reward, episodes, batch, device)
+    scores = _shape_scores(raw, episodes.finished, cfg, procs)
+    lap("reward")
+
+    # π_old, its entropy and V_old: kept by the sampler, else one teacher-forced pass
+    recorded = episodes.entropy is not None and (policy.value_head is None or episodes.values is not None)
+    if from_sampler and recorded:
+        old_logp, entropy, old_values = episodes.logprobs.to(device) * mask, episodes.entropy.to(device), episodes.values
+    else:
+        old_logp, entropy, old_values = _forward_all(lm, episodes, cfg, value_head=policy.value_head, entropy=True)
+    if policy.critic is not None:
+        old_values = _critic_all(policy.critic, episodes, cfg.mini_batch_size)
+    lap("old_policy_and_values")
+    if ref is not None:
+        ref_logp, _, _ = _forward_all(ref, episodes, cfg)
+    else:
+        with lm.disable_adapter():
+            ref_logp, _, _ = _forward_all(lm, episodes, cfg)
+    lap("reference")
+
+    kl = kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
+    sequence_kl = kl.sum(1)
+    if cfg.advantage_estimator == "gae":
+        rewards = -beta * kl + TextGenerationEnv.terminal_rewards(scores, mask)
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    else:
+        estimate = rloo_advantages if cfg.advantage_estimator == "rloo" else grpo_advantages
+        advantages, returns = estimate(scores - beta * sequence_kl, k)[:, None] * mask, None
+    if cfg.whiten_advantages and cfg.advantage_estimator != "grpo":
+        advantages = whiten(advantages, mask, total=procs.sum)
+
+    lengths = procs.gather(mask.sum(1))
+    n_all = len(lengths)
+    stats = {
+        "score": float(procs.gather(raw).mean()),
+        **{name: float(procs.sum(torch.tensor(total))) / n_all for name, total in parts.items()},
+        "score_shaped": float(procs.gather(scores).mean()),
+        "reward": float(procs.gather(scores - beta * sequence_kl).mean()),
+        "kl": float(procs.gather(sequence_kl).mean()),
+        "kl_coef": beta,
+        "entropy": float(_masked_stats(entropy, mask, procs)[0]),
+        "response_length": float(lengths.mean()),
+        "eos_fraction": float(procs.gather(episodes.finished.float()).mean()),
+    }
+    if returns is not None:
+        stats.update(returns=float(_masked_stats(returns, mask, procs)[0]), values=float(_masked_stats(old_values, mask, procs)[0]),
+                     explained_variance=_explained_variance(old_values, returns, mask, procs))
+    tokens = procs.gather(episodes.prompt_mask.sum(1).to(device).float()) + lengths
+    return Experience(episodes, mask, old_logp, old_values, advantages, returns, lengths, tokens, stats, seconds)
+
+
+def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer, scheduler, exp: Experience, step: int,
+              ptx: list, ptx_stream, pad_id: int, device) -> dict:
+    """Step 5: epochs × minibatches of the global batch; each process computes its rows' share of the loss."""
     from alignkit.train.sft import collate as sft_collate, sft_loss
 
-    _check(cfg)
-    accelerator = make_accelerator(cfg)
-    if accelerator.num_processes > 1:
-        raise RuntimeError("alignkit ppo runs on one process for now: launch it without torchrun/accelerate")
-    set_seed(cfg.seed)
-    device = accelerator.device
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output_dir / "config.yaml")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    n_all, start = len(exp.lengths), time.perf_counter()
+    totals, updates, trained_tokens, stopped, first_ratio_error = {}, 0, 0.0, False, float("nan")
+    for epoch in range(cfg.num_ppo_epochs):
+        order = torch.randperm(n_all, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)).tolist()
+        for first in range(0, n_all, cfg.mini_batch_size):
+            rows = order[first : first + cfg.mini_batch_size]
+            tokens = exp.lengths[rows].sum().clamp(min=1)  # the minibatch's response tokens, on all processes
+            mine = [procs.local(r) for r in rows if procs.owns(r)]
+            # sums over this process's rows: policy loss, clipped, value loss, value clipped, k3 KL to π_old
+            sums, loss, ratio_error = torch.zeros(5, device=device), None, torch.zeros((), device=device)
+            if mine:
+                index = torch.tensor(mine, device=device)
+                m = exp.mask[index]
+                minibatch = exp.episodes.select(mine)
+                out = policy_forward(policy.lm, minibatch, cfg.temperature, policy.value_head)
+                old = exp.old_logp[index]
+                ratio_error = ((out.logprobs.detach() - old).exp() - 1).abs().mul(m).max()
+                sums[4] = (kl_penalty(out.logprobs.detach(), old, "k3") * m).sum()
+                policy_sum, clipped = ppo_policy_loss_sum(out.logprobs, old, exp.advantages[index], m, cfg.cliprange)
+                loss = policy_sum / tokens
+                sums[0], sums[1] = policy_sum.detach(), clipped
+                if exp.returns is not None:
+                    values = policy.values(minibatch, out.values)
+                    value_sum, value_clipped = ppo_value_loss_sum(values, exp.old_values[index], exp.returns[index], m, cfg.cliprange_value)
+                    loss = loss + cfg.vf_coef * value_sum / tokens
+                    sums[2], sums[3] = value_sum.detach(), value_clipped
+            sums = procs.sum(sums) / tokens
+            if epoch == 0 and first == 0:  # no update yet this iteration: π/π_old must be 1
+                first_ratio_error = float(procs.max(ratio_error))
+            if cfg.target_kl > 0 and float(sums[4]) > cfg.target_kl:
+                stopped = True  # the updates so far moved π too far from π_old: skip the rest
+                break
+            metrics = {"policy_loss": sums[0], "clipfrac": sums[1], "approx_kl": sums[4]}
+            if exp.returns is not None:
+                metrics.update(value_loss=sums[2], value_clipfrac=sums[3])
+            if ptx_stream is not None:  # every process draws the same rows and trains on its share of them
+                ptx_rows = next(ptx_stream)
+                normalizer = max(sum(sum(ptx[i].weights[1:]) for i in ptx_rows), 1e-12)
+                ptx_sum = torch.zeros((), device=device)
+                if ptx_rows[procs.rank :: procs.world]:
+                    ptx_batch = {key: v.to(device) for key, v in sft_collate([ptx[i] for i in ptx_rows[procs.rank :: procs.world]], pad_id).items()}
+                    ptx_sum, _ = sft_loss(policy.lm, ptx_batch)
+                    loss = cfg.ptx_coef * ptx_sum / normalizer + (loss if loss is not None else 0)
+                metrics["ptx_loss"] = procs.sum(ptx_sum.detach()) / normalizer
+            if loss is not None:
+                loss.backward()
+            procs.sum_gradients(params)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+            updates += 1
+            trained_tokens += float(exp.tokens[rows].sum())
+        if stopped:
+            break
+    seconds = time.perf_counter() - start
+    return {**{key: value / max(updates, 1) for key, value in totals.items()}, "ppo_updates": updates,
+            "ratio_error_before_update": first_ratio_error, "early_stopped": stopped,
+            "training_tokens_per_second": trained_tokens / max(seconds, 1e-9), "seconds": seconds}
 
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, cfg)
-    reward = build_reward(cfg.reward_model, cfg.reward_fn, cfg.reward_weights, device=device)
-    ptx = _ptx_examples(cfg, tokenizer) if cfg.ptx_coef > 0 else []
 
+def _build_models(cfg: PPOConfig, device) -> tuple[ActorCritic, torch.nn.Module | None]:
+    """(policy with its value head or critic, frozen reference or None = the policy with its adapters disabled)."""
     lm = load_causal_lm(cfg.model_name_or_path)
     fresh_lora = cfg.use_peft and not hasattr(lm, "peft_config")
     if fresh_lora:
@@ -225,149 +438,84 @@ def run_ppo(cfg: PPOConfig) -> dict:
     elif cfg.advantage_estimator == "gae":
         value_head = torch.nn.Linear(unwrap_base(lm).config.hidden_size, 1)
         torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
-    policy = ActorCritic(lm, value_head, critic)
+    policy = ActorCritic(lm, value_head, critic).to(device)
+    return policy, ref.to(device) if ref is not None else None
+
+
+def run_ppo(cfg: PPOConfig) -> dict:
+    """Train cfg.model_name_or_path with PPO/RLOO/GRPO on the prompts of cfg.dataset; returns the last metrics row."""
+    from accelerate.utils import set_seed
+
+    from alignkit.rewards import build_reward
+
+    _check(cfg)
+    accelerator = make_accelerator(cfg)
     k = cfg.num_samples_per_prompt
+    procs = Processes(accelerator.num_processes, accelerator.process_index, k)
+    if cfg.rollout_batch_size % procs.world:
+        raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} must be a multiple of the number of processes ({procs.world})")
+    set_seed(cfg.seed)
+    device, main = accelerator.device, accelerator.is_main_process
+    output_dir = Path(cfg.output_dir)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, cfg, verbose=main)
+    reward = build_reward(cfg.reward_model, cfg.reward_fn, cfg.reward_weights, device=device)
+    ptx = _ptx_examples(cfg, tokenizer) if cfg.ptx_coef > 0 else []
+    policy, ref = _build_models(cfg, device)
+    procs.broadcast([p for p in policy.parameters() if p.requires_grad])
     updates_per_iteration = cfg.num_ppo_epochs * math.ceil(cfg.rollout_batch_size * k / cfg.mini_batch_size)
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * updates_per_iteration)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    if ref is not None:
-        ref.to(device)
     policy.eval()  # no dropout: rollout and training log-probs must agree
 
     state = {"step": 0, "kl_coef": cfg.kl_coef, "updates": 0}
     checkpoint = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, accelerator, policy, optimizer, scheduler)
-        print(f"resumed from {checkpoint} at iteration {state['step']}")
-    log = MetricsLog(output_dir / "metrics.jsonl", True, state["step"])
+        accelerator.print(f"resumed from {checkpoint} at iteration {state['step']}")
+    log = MetricsLog(output_dir / "metrics.jsonl", main, state["step"])
     stream = micro_batches(len(prompts), cfg.rollout_batch_size, cfg.seed, state["step"])
     ptx_stream = micro_batches(len(ptx), cfg.mini_batch_size, cfg.seed + 1, state["updates"]) if ptx else None
     last_row: dict = {}
 
-    with progress_bar(cfg.progress) as progress:
+    with progress_bar(cfg.progress and main) as progress:
         bar = progress.add_task("ppo", total=cfg.max_steps, completed=state["step"], status="")
         while state["step"] < cfg.max_steps:
             step, beta = state["step"] + 1, state["kl_coef"]
-            batch = [prompts[i] for i in next(stream) for _ in range(k)]
-            params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed * 1_000_003 + step)
-            start = time.perf_counter()
-            episodes = rollout(lm, tokenizer, [p.ids for p in batch], params)
-            generation_time = time.perf_counter() - start
-            mask = episodes.response_mask.to(device).float()
-            raw_scores, scores, parts = _score(reward, episodes, batch, cfg, device)
-
-            # π_old, V_old, π_ref on the sampled sequences
-            old_logp, entropy, old_values = _forward_all(lm, episodes, cfg, value_head=policy.value_head, entropy=True)
-            if policy.critic is not None:
-                with torch.no_grad():
-                    old_values = torch.cat([policy.values(episodes.select(list(range(s, min(s + cfg.mini_batch_size, len(batch))))), None)
-                                            for s in range(0, len(batch), cfg.mini_batch_size)])
-            if ref is not None:
-                ref_logp, _, _ = _forward_all(ref, episodes, cfg)
-            else:
-                with lm.disable_adapter():
-                    ref_logp, _, _ = _forward_all(lm, episodes, cfg)
-            kl = kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
-            sequence_kl = kl.sum(1)
-            if cfg.advantage_estimator == "gae":
-                rewards = -beta * kl + TextGenerationEnv.terminal_rewards(scores, mask)
-                advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            else:
-                sequence_reward = scores - beta * sequence_kl
-                estimate = rloo_advantages if cfg.advantage_estimator == "rloo" else grpo_advantages
-                advantages, returns = estimate(sequence_reward, k)[:, None] * mask, None
-            if cfg.whiten_advantages and cfg.advantage_estimator != "grpo":
-                advantages = whiten(advantages, mask)
-
-            # epochs × minibatches
-            start, totals, updates, trained_tokens, stopped = time.perf_counter(), {}, 0, 0, False
-            first_ratio_error = float("nan")
-            seq_tokens = (episodes.prompt_mask.sum(1) + episodes.response_mask.sum(1)).tolist()
-            for epoch in range(cfg.num_ppo_epochs):
-                order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)).tolist()
-                for first in range(0, len(batch), cfg.mini_batch_size):
-                    rows = order[first : first + cfg.mini_batch_size]
-                    index = torch.tensor(rows, device=device)
-                    m = mask[index]
-                    tokens = m.sum().clamp(min=1)
-                    minibatch = episodes.select(rows)
-                    out = policy_forward(lm, minibatch, cfg.temperature, policy.value_head)
-                    values = policy.values(minibatch, out.values)
-                    if epoch == 0 and first == 0:  # no update yet this iteration: π/π_old must be 1
-                        first_ratio_error = float(((out.logprobs.detach() - old_logp[index]).exp() - 1).abs().mul(m).max())
-                    approx_kl = masked_mean(kl_penalty(out.logprobs.detach(), old_logp[index], "k3"), m)
-                    if cfg.target_kl > 0 and float(approx_kl) > cfg.target_kl:
-                        stopped = True  # the updates so far moved π too far from π_old: skip the rest
-                        break
-                    policy_sum, clipped = ppo_policy_loss_sum(out.logprobs, old_logp[index], advantages[index], m, cfg.cliprange)
-                    loss = policy_sum / tokens
-                    metrics = {"policy_loss": policy_sum / tokens, "clipfrac": clipped / tokens}
-                    if returns is not None:
-                        value_sum, value_clipped = ppo_value_loss_sum(values, old_values[index], returns[index], m, cfg.cliprange_value)
-                        loss = loss + cfg.vf_coef * value_sum / tokens
-                        metrics.update(value_loss=value_sum / tokens, value_clipfrac=value_clipped / tokens)
-                    if ptx_stream is not None:
-                        ptx_batch = {key: v.to(device) for key, v in sft_collate([ptx[i] for i in next(ptx_stream)], tokenizer.pad_token_id).items()}
-                        ptx_sum, _ = sft_loss(lm, ptx_batch)
-                        ptx_loss = ptx_sum / ptx_batch["weights"][:, 1:].sum().clamp(min=1)
-                        loss = loss + cfg.ptx_coef * ptx_loss
-                        metrics["ptx_loss"] = ptx_loss
-                    accelerator.backward(loss)
-                    if cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    metrics["approx_kl"] = approx_kl
-                    for key, value in metrics.items():
-                        totals[key] = totals.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
-                    updates += 1
-                    trained_tokens += sum(seq_tokens[r] for r in rows)
-                if stopped:
-                    break
-            training_time = time.perf_counter() - start
-            state["updates"] += updates
-
-            mean_kl = float(sequence_kl.mean())
+            mine = [prompts[i] for i in next(stream)][procs.rank :: procs.world]
+            exp = _experience(cfg, procs, policy, ref, reward, tokenizer, [p for p in mine for _ in range(k)], step, beta, device)
+            update = _optimize(cfg, procs, policy, optimizer, scheduler, exp, step, ptx, ptx_stream, tokenizer.pad_token_id, device)
+            state["updates"] += update["ppo_updates"]
             if cfg.kl_target > 0:
-                state["kl_coef"] = AdaptiveKLController.update(beta, mean_kl, cfg.kl_target, len(batch), cfg.kl_horizon)
+                state["kl_coef"] = AdaptiveKLController.update(beta, exp.stats["kl"], cfg.kl_target, len(exp.lengths), cfg.kl_horizon)
             state["step"] = step
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+                # the slowest process sets the pace of each phase
+                names = [*exp.seconds, "update"]
+                seconds = procs.max(torch.tensor([*exp.seconds.values(), update.pop("seconds")], device=device)).tolist()
                 last_row = {
-                    "step": step,
-                    "score": float(raw_scores.mean()),
-                    **parts,
-                    "score_shaped": float(scores.mean()),
-                    "reward": float((scores - beta * sequence_kl).mean()),
-                    "kl": mean_kl,
-                    "kl_coef": beta,
-                    "entropy": float(masked_mean(entropy, mask)),
-                    "response_length": float(mask.sum(1).mean()),
-                    "eos_fraction": float(episodes.finished.float().mean()),
-                    **{key: value / max(updates, 1) for key, value in totals.items()},
-                    "ppo_updates": updates,
-                    "ratio_error_before_update": first_ratio_error,
-                    "early_stopped": stopped,
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "generation_tokens_per_second": float(mask.sum()) / max(generation_time, 1e-9),
-                    "training_tokens_per_second": trained_tokens / max(training_time, 1e-9),
+                    "step": step, **exp.stats, **update, "learning_rate": scheduler.get_last_lr()[0],
+                    "generation_tokens_per_second": float(exp.lengths.sum()) / max(seconds[0], 1e-9),
+                    **{f"seconds/{name}": round(s, 4) for name, s in zip(names, seconds)},
                 }
-                if returns is not None:
-                    last_row.update(returns=float(masked_mean(returns, mask)), values=float(masked_mean(old_values, mask)),
-                                    explained_variance=_explained_variance(old_values, returns, mask))
                 log.write(last_row)
-                progress.update(bar, status=f"score {last_row['score']:.3f}  kl {mean_kl:.3f}")
+                progress.update(bar, status=f"score {last_row['score']:.3f}  kl {last_row['kl']:.3f}")
             if cfg.save_steps and step % cfg.save_steps == 0:
                 save_checkpoint(output_dir / "checkpoints" / f"step-{step}", accelerator, policy, optimizer, scheduler, dict(state), cfg.save_total_limit)
             progress.update(bar, completed=step)
 
-    final = accelerator.unwrap_model(policy)
-    save_model(final.lm, tokenizer, output_dir)
-    if final.value_head is not None:
-        from safetensors.torch import save_file
+    accelerator.wait_for_everyone()
+    if main:
+        save_model(policy.lm, tokenizer, output_dir)
+        if policy.value_head is not None:
+            from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in final.value_head.state_dict().items()}, str(output_dir / "value_head.safetensors"))
-    if final.critic is not None:
-        final.critic.model.save_pretrained(output_dir / "critic", safe_serialization=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}, str(output_dir / "value_head.safetensors"))
+        if policy.critic is not None:
+            policy.critic.model.save_pretrained(output_dir / "critic", safe_serialization=True)
+    accelerator.wait_for_everyone()
     return last_row
