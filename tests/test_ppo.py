@@ -466,8 +466,8 @@ def test_two_processes_make_the_update_of_one(setup, tmp_path):
 
 
 def test_reward_fn_flag_repeats(monkeypatch):
-    """`--reward_fn a --reward_fn b` = `--reward_fn a,b` (config field: one comma-separated string), once cli.py
-    generates repeatable flags for fields marked `repeatable` (PPOConfig.reward_fn, reward_weights)."""
+    """`--reward_fn a --reward_fn b` = `--reward_fn a,b` (config field: one comma-separated string): cli.py makes
+    fields marked `repeatable` (PPOConfig.reward_fn, reward_weights) repeatable flags."""
     import typer
     from typer.testing import CliRunner
 
