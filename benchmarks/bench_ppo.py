@@ -14,7 +14,9 @@ temperature 1, k1 KL with β 0.05, γ 1, λ 0.95, clip 0.2 / 0.2, vf_coef 0.1, c
 
 Tools: `alignkit` does TRL's work (separate critic, --critic_model = the reward model); `alignkit-value-head`
 is alignkit's default, a value head on the policy's trunk (no critic network: the sampler's hook gives V_old
-and the update trains one network), compared with the same TRL run.
+and the update trains one network), compared with the same TRL run; `alignkit-padded` is `alignkit` with
+--shared_prefix_tokens 0: one padded row per episode in every teacher-forced pass, as TRL computes them,
+instead of prefix-shared rows (the chat template's system prompt and each prompt computed once).
 
 Each worker stamps the wall clock and its CPU time at the end of every iteration (alignkit: its metrics.jsonl
 row; TRL: on_step_end) and records where the iteration's time went: generation, reward model, value
@@ -52,7 +54,7 @@ CASES = {  # iterations, of which the first `warmup` are left out of the steady 
     "smollm": dict(model="smollm2-135m-instruct", batch=8, response_length=24, epochs=2, steps=3, warmup=1, lr=1e-6,
                    max_length=512),
 }
-TOOLS = ("alignkit", "trl", "alignkit-value-head")
+TOOLS = ("alignkit", "trl", "alignkit-value-head", "alignkit-padded")
 PHASES = ("generation", "reward", "values", "reference", "update")
 
 
@@ -88,7 +90,7 @@ class PhaseClock:
 # ---------------------------------------------------------------------------------------------- workers
 
 
-def worker_alignkit(job: dict, value_head: bool) -> dict:
+def worker_alignkit(job: dict, value_head: bool, padded: bool) -> dict:
     import alignkit.train.loop as loop
     import alignkit.train.ppo as ppo
     from alignkit.config import PPOConfig
@@ -96,7 +98,7 @@ def worker_alignkit(job: dict, value_head: bool) -> dict:
     trace: dict = {"t": [], "cpu": []}
     clock = PhaseClock()
     # the functions run_ppo calls for each phase (with the default settings, _forward_all runs only the reference)
-    for name, function in (("generation", "rollout"), ("reward", "_score"), ("values", "_critic_all"),
+    for name, function in (("generation", "rollout"), ("reward", "_score"), ("values", "_critic_all"), ("values", "_critic_first_pass"),
                            ("reference", "_forward_all"), ("update", "_optimize")):
         setattr(ppo, function, clock.wrap(name, getattr(ppo, function)))
     write = loop.MetricsLog.write
@@ -115,6 +117,7 @@ def worker_alignkit(job: dict, value_head: bool) -> dict:
         num_ppo_epochs=job["epochs"], max_new_tokens=job["response_length"], temperature=1.0, learning_rate=job["lr"],
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, kl_coef=0.05, kl_estimator="k1", cliprange=0.2,
         cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, seed=42, logging_steps=1, progress=False, use_chat_template="yes",
+        shared_prefix_tokens=0 if padded else -1,
     ))
     rows = [json.loads(line) for line in Path(job["out"], "metrics.jsonl").read_text().splitlines()]
     generated = [r["response_length"] * job["batch"] for r in rows]
@@ -132,7 +135,7 @@ def worker_trl(job: dict) -> dict:
 
     from alignkit.config import PPOConfig as AlignkitConfig
     from alignkit.models import load_tokenizer
-    from alignkit.train.ppo import load_prompts
+    from alignkit.data.prompts import load_prompts
 
     tokenizer = load_tokenizer(job["model"])  # alignkit's tokenizer rules (pad = eos where there is no pad)
     tokenizer.padding_side = "left"
@@ -200,7 +203,9 @@ def worker_trl(job: dict) -> dict:
 
 
 def worker(tool: str, job: dict) -> dict:
-    return worker_trl(job) if tool == "trl" else worker_alignkit(job, value_head=tool == "alignkit-value-head")
+    if tool == "trl":
+        return worker_trl(job)
+    return worker_alignkit(job, value_head=tool == "alignkit-value-head", padded=tool == "alignkit-padded")
 
 
 # ---------------------------------------------------------------------------------------------- setup & report
@@ -286,10 +291,11 @@ def measure_old_policy_pass(model_name: str = "smollm2-135m-instruct", batch: in
     import torch
 
     from alignkit.config import PPOConfig
+    from alignkit.data.prompts import load_prompts
     from alignkit.generation import SamplingParams
     from alignkit.models import load_causal_lm, load_tokenizer
     from alignkit.rollout import rollout
-    from alignkit.train.ppo import _forward_all, load_prompts
+    from alignkit.train.ppo import _forward_all
 
     tokenizer, lm = load_tokenizer(model_name), load_causal_lm(model_name).eval()
     cfg = PPOConfig(use_chat_template="yes", mini_batch_size=batch, temperature=1.0)

@@ -50,7 +50,7 @@ def worker(tool: str, job: dict) -> dict:
 
     variant = tool.partition("-")[2]
     if variant == "flat":  # TRL's layout: one padded row per response, the prompt computed each time
-        rm.shares_prompts = lambda model: False
+        rm.supports_custom_masks = lambda model: False
     if variant == "fused":  # what a fused AdamW in train/loop.py would give (TRL's default optimizer)
         make_optimizer = loop.make_optimizer
 

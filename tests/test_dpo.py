@@ -155,7 +155,7 @@ def test_shared_prompt_rows_give_the_log_probs_of_separate_rows(tmp_path, pref_f
     from alignkit.models import load_causal_lm, make_tiny_model
 
     model = load_causal_lm(str(make_tiny_model(tmp_path / arch, arch=arch, hidden_size=32, num_layers=2))).eval()
-    assert dpo.shares_prompts(model)
+    assert dpo.supports_custom_masks(model)
     pairs = dpo.build_pairs(str(pref_file), "train", tokenizer, DPOConfig(dataset=str(pref_file)), "train", {})
     with torch.no_grad():
         shared, lengths = dpo.sequence_logps(model, dpo.collate(pairs, tokenizer.pad_token_id, shared=True))

@@ -250,6 +250,26 @@ def test_winrate_and_kl_end_to_end(tiny, tiny_model_dir, tmp_path):
     assert differ["kl_k3"] > 0 and differ["samples_per_prompt"] == 2
 
 
+def test_winrate_on_prompt_only_rows_reports_mean_scores(tiny, tiny_model_dir, tmp_path):
+    """A file of {"prompt"} rows (e.g. held-out RL prompts) and a pointwise judge: the mean score of each
+    side is reported too (here: response length in characters, checked against the predictions file)."""
+    from alignkit.evaluate.winrate import WinRateConfig, run_winrate
+    from alignkit.models import load_causal_lm, make_tiny_model
+
+    model, tokenizer = tiny
+    other = load_causal_lm(str(make_tiny_model(tmp_path / "other", seed=1))).eval()
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n" for w in ("cats", "rain", "tea")))
+    (tmp_path / "judge.py").write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
+    cfg = WinRateConfig(ref_model="other", dataset=str(tmp_path / "prompts.jsonl"), judge=f"{tmp_path / 'judge.py'}:length",
+                        output=str(tmp_path / "wr.json"), max_new_tokens=6, temperature=1.0, progress=False, kl=False)
+    summary = run_winrate(cfg, models=((model, tokenizer), (other, tokenizer)), log=lambda _: None)["summary"]
+    rows = [json.loads(line) for line in (tmp_path / "wr.predictions.jsonl").read_text().splitlines()]
+    assert summary["n"] == 3 and [r["reference"] for r in rows] == [None] * 3
+    assert summary["mean_score_a"] == pytest.approx(sum(len(r["response_a"]) for r in rows) / 3)
+    assert summary["mean_score_b"] == pytest.approx(sum(len(r["response_b"]) for r in rows) / 3)
+    assert "mean_score_a" in (tmp_path / "wr.md").read_text()
+
+
 def test_cli_runs_and_reports_user_errors(tiny_model_dir, sst2_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli.json"

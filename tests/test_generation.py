@@ -237,3 +237,38 @@ def test_sample_categorical_draws_the_distribution_and_never_a_zero_mass_token()
     assert torch.allclose(freq, probs[0].double(), atol=0.005)  # the largest standard error is 0.0015 (p = 0.6)
     again = sample_categorical(probs[:50], torch.Generator().manual_seed(0))
     assert torch.equal(again, draws[:50])
+
+
+def test_shared_prefix_prefill_samples_what_the_full_prefill_samples(tiny, monkeypatch):
+    """Prompts sharing a long prefix (a system prompt; the same prompt twice; a prompt that is the prefix plus
+    one token): the prefix is prefilled once and its cache repeated, with the same tokens, log-probs and
+    (through the LM-head hook PPO uses) per-step entropies as the whole left-padded prefill."""
+    import alignkit.generation as generation
+    from alignkit.rollout import policy_forward, rollout
+
+    model, tokenizer = tiny
+    system = tokenizer("System: you are a careful and friendly assistant who answers briefly and kindly. User:", add_special_tokens=False)["input_ids"]
+    assert len(system) >= generation.SHARED_PREFIX_MIN_TOKENS
+    prompts = [system + tokenizer(" tell me a story", add_special_tokens=False)["input_ids"],
+               system + tokenizer(" tell me a story", add_special_tokens=False)["input_ids"],
+               system + tokenizer(" why?", add_special_tokens=False)["input_ids"], system + [42]]
+    calls = []
+    trunk_forward = type(model.model).forward
+    monkeypatch.setattr(type(model.model), "forward", lambda self, *a, **kw: calls.append(kw["input_ids"].shape) or trunk_forward(self, *a, **kw))
+    results = []
+    for min_tokens in (generation.SHARED_PREFIX_MIN_TOKENS, 10**9):
+        monkeypatch.setattr(generation, "SHARED_PREFIX_MIN_TOKENS", min_tokens)
+        calls.clear()
+        greedy = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=6, temperature=0))
+        sampled = rollout(model, tokenizer, prompts, SamplingParams(max_new_tokens=6, temperature=1.0, seed=4), entropy=True)
+        results.append((greedy, sampled, list(calls)))
+    (greedy, sampled, calls_shared), (greedy_full, sampled_full, calls_full) = results
+    assert calls_shared[0] == (1, len(system)) and calls_shared[1][0] == 4  # the prefix once, then the four remainders
+    assert calls_full[0] == (4, max(map(len, prompts)))
+    assert torch.equal(greedy.response_ids, greedy_full.response_ids) and torch.equal(sampled.response_ids, sampled_full.response_ids)
+    assert torch.equal(sampled.prompt_ids, sampled_full.prompt_ids) and torch.equal(sampled.prompt_mask, sampled_full.prompt_mask)
+    assert torch.allclose(greedy.logprobs, greedy_full.logprobs, atol=2e-5)
+    assert torch.allclose(sampled.logprobs, sampled_full.logprobs, atol=2e-5)
+    assert sampled.entropy is not None and torch.allclose(sampled.entropy, sampled_full.entropy, atol=5e-5)
+    recomputed = policy_forward(model, sampled, 1.0).logprobs
+    assert torch.allclose(recomputed, sampled.logprobs * sampled.response_mask, atol=2e-5)

@@ -341,7 +341,7 @@ def test_resume_replays_the_same_iterations(setup, tmp_path):
 def test_prompt_formats(tokenizer, tmp_path):
     from alignkit.config import PPOConfig
     from alignkit.data.formats import DataError, write_jsonl
-    from alignkit.train.ppo import load_prompts
+    from alignkit.data.prompts import load_prompts
 
     rows = [
         {"prompt": "What is 2+2?"},
@@ -368,6 +368,30 @@ def test_separate_critic(setup, tmp_path):
     assert abs(rows[0]["kl"]) < 1e-5 and rows[0]["values"] == 0.0  # a new critic head starts at zero
     assert any(r["values"] != 0.0 for r in rows) and all(math.isfinite(r["value_loss"]) for r in rows), rows
     assert (tmp_path / "critic" / "critic" / "config.json").exists() and not (tmp_path / "critic" / "value_head.safetensors").exists()
+
+
+def test_one_minibatch_reuses_the_critics_rollout_pass(setup, tmp_path, monkeypatch):
+    """With a single minibatch per iteration, the critic's V_old pass keeps its graph and is the first
+    update's critic forward: one critic forward fewer per iteration, and the same iteration as
+    recomputing it (the critic has not moved yet; up to the rounding of attention kernels that differ
+    with and without autograd)."""
+    import alignkit.rollout
+    import alignkit.train.ppo as ppo
+
+    calls = []
+    critic_values = alignkit.rollout.critic_values
+    monkeypatch.setattr(ppo, "critic_values", lambda *a, **kw: calls.append(1) or critic_values(*a, **kw))
+    settings = dict(critic_model=str(setup / "model"), max_steps=2, rollout_batch_size=8, mini_batch_size=8, max_new_tokens=4,
+                    num_ppo_epochs=2)
+    reused = train(setup, "unused", output_dir=str(tmp_path / "reused"), **settings)
+    assert len(calls) == 2 * 2  # per iteration: the rollout pass (graph kept) and epoch 2; epoch 1 reused it
+    calls.clear()
+    monkeypatch.setattr(ppo, "_one_minibatch", lambda cfg: False)
+    recomputed = train(setup, "unused", output_dir=str(tmp_path / "recomputed"), **settings)
+    assert len(calls) == 2 * 3
+    for a, b in zip(reused, recomputed):
+        for key in ("score", "kl", "values", "returns", "policy_loss", "value_loss", "explained_variance"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
 
 
 def test_reward_model_as_reward_and_critic(setup, tmp_path):
@@ -413,6 +437,35 @@ def test_sampler_statistics_replace_the_old_policy_pass(setup, tmp_path, monkeyp
     assert {"seconds/generation", "seconds/reward", "seconds/old_policy_and_values", "seconds/reference", "seconds/update"} <= set(reused)
 
 
+def test_shared_prefix_rows_make_the_same_iteration(setup, tmp_path):
+    """Teacher-forced passes in prefix-shared rows (the default) or one padded row per episode: same
+    samples, same statistics and losses up to float rounding. (One update: Adam turns the rounding noise of
+    near-zero gradients into full-size steps, so later iterations drift apart.)"""
+    settings = dict(max_steps=1, rollout_batch_size=8, max_new_tokens=6, num_ppo_epochs=1, mini_batch_size=8)
+    shared = train(setup, "unused", output_dir=str(tmp_path / "shared"), **settings)
+    padded = train(setup, "unused", output_dir=str(tmp_path / "padded"), shared_prefix_tokens=0, **settings)
+    for a, b in zip(shared, padded):
+        assert a["score"] == b["score"] and a["response_length"] == b["response_length"]
+        for key in ("kl", "entropy", "returns", "policy_loss", "value_loss", "approx_kl", "explained_variance"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), (key, a[key], b[key])
+
+
+def test_bf16_autocast(setup, tmp_path):
+    """--mixed_precision bf16: forwards in bfloat16 (the statistics move off float32's by bf16 rounding, not
+    more), the ratio still ~1 before the first update, weights saved in float32; fp16 is refused."""
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=1, rollout_batch_size=8, max_new_tokens=6, num_ppo_epochs=1, mini_batch_size=8)
+    fp32 = train(setup, "unused", output_dir=str(tmp_path / "fp32"), **settings)[0]
+    bf16 = train(setup, "unused", output_dir=str(tmp_path / "bf16"), mixed_precision="bf16", **settings)[0]
+    assert bf16["entropy"] != fp32["entropy"] and math.isclose(bf16["entropy"], fp32["entropy"], rel_tol=0.05)
+    assert bf16["ratio_error_before_update"] < 0.05 and abs(bf16["kl"]) < 0.05
+    assert all(math.isfinite(bf16[k]) for k in ("score", "policy_loss", "value_loss", "approx_kl"))
+    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "model.safetensors")).values()} == {torch.float32}
+    with pytest.raises(ValueError, match="fp16"):
+        train(setup, "unused", output_dir=str(tmp_path / "fp16"), mixed_precision="fp16", max_steps=1)
+
+
 def test_process_shares():
     """Process r of W owns the prompts g ≡ r (mod W) of the global batch (k rows each), in local order."""
     from alignkit.train.ppo import Processes
@@ -443,8 +496,11 @@ def test_two_processes_make_the_update_of_one(setup, tmp_path):
     from alignkit.data.formats import write_jsonl
 
     write_jsonl(tasks.make_mixture(["reversal"], "train", 8, seed=2), tmp_path / "ptx.jsonl")
+    # padded rows (--shared_prefix_tokens 0): each episode is computed with the same bits however the batch is
+    # split, which this comparison needs (every score is 0 here, so whitening would blow float rounding up to
+    # unit-size advantages); prefix-shared rows are compared with padded ones in a one-process test
     settings = dict(max_steps=2, rollout_batch_size=8, mini_batch_size=3, num_ppo_epochs=2, max_new_tokens=6, temperature=0.0,
-                    normalize_scores=True, ptx_coef=0.5, ptx_dataset=str(tmp_path / "ptx.jsonl"), max_grad_norm=0.0)
+                    normalize_scores=True, ptx_coef=0.5, ptx_dataset=str(tmp_path / "ptx.jsonl"), max_grad_norm=0.0, shared_prefix_tokens=0)
     args = [f"--{key}={value}" for key, value in settings.items() if not isinstance(value, bool)] + ["--normalize_scores", "--no_progress"]
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "alignkit.cli", "ppo", "--model_name_or_path", str(setup / "model"),

@@ -146,6 +146,9 @@ class PPOConfig(TrainConfig):
     top_p: float = knob(1.0, "nucleus sampling")
     recompute_old_logprobs: bool = knob(False, "recompute log π_old, the entropy and V_old with a teacher-forced pass after sampling instead of "
                                         "keeping the sampler's (equal up to float rounding; costs one forward pass of the policy per iteration)")
+    shared_prefix_tokens: int = knob(-1, "teacher-forced passes (update, reference, critic) lay episodes out in rows of about this many tokens, "
+                                      "computing the prompts' common prefix and each repeated prompt once (-1 = the model's hidden size, "
+                                      "0 = one padded row per episode)")
     kl_coef: float = knob(0.05, "β: weight of the per-token KL penalty (initial value when adaptive)")
     kl_estimator: str = knob("k1", "k1 (log π − log π_ref) | k3 ((r − 1) − log r)")
     kl_target: float = knob(0.0, "adaptive β: target KL per response (0 = fixed β)")

@@ -150,6 +150,38 @@ def _left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.T
     return ids.to(device), mask.to(device)
 
 
+SHARED_PREFIX_MIN_TOKENS = 16
+
+
+def _prefill_shared_prefix(model, prompt_ids: list[list[int]], pad_id: int, device, model_kwargs: dict):
+    """(input_ids, attention_mask, position_ids) of the first decoding call.
+
+    Prompts that begin alike (a chat template's system prompt, k samples of one prompt) would have the
+    prefill compute their common prefix once per row. When the batch shares at least
+    SHARED_PREFIX_MIN_TOKENS tokens, the decoder trunk runs that prefix once, its cache is repeated for
+    every row, and the first call gets only each prompt's remainder (left-padded; the cache's mask then
+    has the padding between prefix and remainder, and positions count real tokens as always). The trunk
+    runs without the LM head, so a hook on the head still sees one call per sampled token. Otherwise:
+    the whole left-padded prompts."""
+    from alignkit.models import trunk_and_head
+    from alignkit.packing import common_prefix_length
+
+    common = common_prefix_length(prompt_ids)
+    common = min(common, min(map(len, prompt_ids)) - 1)  # every row keeps ≥ 1 token to predict from
+    trunk, _ = trunk_and_head(model)
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if len(prompt_ids) < 2 or common < SHARED_PREFIX_MIN_TOKENS or trunk is None or not hasattr(cache, "batch_repeat_interleave"):
+        prompt, prompt_mask = _left_pad(prompt_ids, pad_id, device)
+        return prompt, prompt_mask, _position_ids(prompt_mask)
+    prefix = torch.tensor([prompt_ids[0][:common]], dtype=torch.long, device=device)
+    cache_kwargs = {k: v for k, v in model_kwargs.items() if k != "logits_to_keep"}
+    trunk(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=torch.arange(common, device=device)[None], **cache_kwargs)
+    cache.batch_repeat_interleave(len(prompt_ids))
+    rest, rest_mask = _left_pad([p[common:] for p in prompt_ids], pad_id, device)
+    attention_mask = torch.cat([rest_mask.new_ones((len(prompt_ids), common)), rest_mask], dim=1)
+    return rest, attention_mask, _position_ids(attention_mask)[:, common:]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -195,9 +227,7 @@ def generate(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        attention_mask = prompt_mask
-        position_ids = _position_ids(prompt_mask)
-        input_ids = prompt
+        input_ids, attention_mask, position_ids = _prefill_shared_prefix(model, prompt_ids, pad_id, device, model_kwargs)
         steps = 0
         for step in range(max_new):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **model_kwargs)

@@ -56,9 +56,10 @@ class RewardModel(torch.nn.Module):
         offset = float(getattr(base.config, "reward_offset", 0.0) or 0.0)
         if not self.decoder:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float() + offset
-        if attention_mask.dim() == 4 and base.config._attn_implementation != "sdpa":
-            # eager attention adds the mask to the scores: turn "may attend" into 0 / -large
-            attention_mask = torch.zeros(attention_mask.shape, device=input_ids.device).masked_fill(~attention_mask, torch.finfo(torch.float32).min)
+        if attention_mask.dim() == 4:
+            from alignkit.packing import for_attention
+
+            attention_mask = for_attention(attention_mask, base)
         trunk = getattr(base, base.base_model_prefix)
         hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
         if last is None:
@@ -117,10 +118,19 @@ def init_head(model, seed: int) -> None:
 
 
 @torch.no_grad()
-def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, batch_size: int = 16, progress: bool = False) -> list[float]:
-    """Rewards of token sequences, batched by similar length (less padding); in the input order."""
+def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, batch_size: int = 16, progress: bool = False,
+                    row_tokens: int = -1) -> list[float]:
+    """Rewards of token sequences, batched by similar length (less padding); in the input order.
+
+    With `row_tokens` ≠ 0 (and a decoder that takes custom masks), a batch's shared prefixes — a chat
+    template's system prompt, one prompt's several responses — are computed once, in rows of about
+    `row_tokens` tokens (−1: the model's hidden size; see `rollout._state_hidden`)."""
     from alignkit.data.tokenize import pad_right
+    from alignkit.packing import pack_sequences, supports_custom_masks
     from alignkit.train.loop import progress_bar
+
+    row_tokens = rm.base.config.hidden_size if row_tokens < 0 else row_tokens
+    shared = row_tokens > 0 and rm.decoder and supports_custom_masks(rm.model)
 
     rm.eval()
     device = next(rm.parameters()).device
@@ -130,8 +140,14 @@ def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, ba
         task = bar.add_task("score", total=len(sequences), status="")
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            input_ids, attention_mask = pad_right([sequences[i] for i in chunk], pad_id)
-            for i, r in zip(chunk, rm(input_ids.to(device), attention_mask.to(device)).tolist()):
+            if shared:
+                packed = pack_sequences([sequences[i] for i in chunk], row_tokens, pad_id)
+                scores = rm(packed.input_ids.to(device), packed.attention_mask.to(device), packed.position_ids.to(device),
+                            last=packed.states[:, 0].to(device))
+            else:
+                input_ids, attention_mask = pad_right([sequences[i] for i in chunk], pad_id)
+                scores = rm(input_ids.to(device), attention_mask.to(device))
+            for i, r in zip(chunk, scores.tolist()):
                 rewards[i] = r
             bar.update(task, advance=len(chunk))
     return rewards

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.generation import SamplingParams, default_stop_token_ids, generate
-from alignkit.models import trunk_and_head
+from alignkit.models import trunk_and_head, unwrap_base
+from alignkit.packing import for_attention, pack_episodes, supports_custom_masks
 
 
 @dataclass
@@ -147,25 +148,44 @@ class PolicyOutputs:
     values: torch.Tensor | None  # [B, T] V(s_t) from the value head
 
 
-def policy_forward(model, episodes: Episodes, temperature: float, value_head: torch.nn.Module | None = None,
-                   entropy: bool = False) -> PolicyOutputs:
-    """Teacher-forced log-probs of the episodes' actions (and V(s_t) from `value_head` on the same hidden
-    states): hidden state at column P − 1 + t is the state s_t that chose action a_t.
-
-    Uses the attention mask and position ids of `Episodes.sequences()` and logits / temperature
-    (temperature ≤ 0, i.e. greedy sampling, counts as 1, as in the sampler)."""
-    input_ids, attention_mask, position_ids = episodes.sequences()
+def _state_hidden(trunk, model, episodes: Episodes, row_tokens: int) -> torch.Tensor:
+    """[B, T, H] last hidden states of the states s_t, from a teacher-forced pass of `trunk` over the
+    episodes: in prefix-shared rows (`packing.pack_episodes`) of about `row_tokens` columns (−1: the model's
+    hidden size) when `row_tokens` ≠ 0 and the model's attention takes custom masks, else in the sampler's
+    padded layout (column P − 1 + t holds s_t)."""
     device = next(model.parameters()).device
-    input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+    if row_tokens < 0:  # auto: attention costs ~L·d per token in a row of L, the layers ~d²: keep L about d
+        row_tokens = unwrap_base(model).config.hidden_size
+    if row_tokens > 0 and supports_custom_masks(model):
+        packed = pack_episodes(episodes.prompt_ids, episodes.prompt_mask, episodes.response_ids, episodes.response_mask, row_tokens, pad_id=0)
+        hidden = trunk(input_ids=packed.input_ids.to(device), attention_mask=for_attention(packed.attention_mask.to(device), model),
+                       position_ids=packed.position_ids.to(device), use_cache=False).last_hidden_state
+        return hidden.flatten(0, 1)[packed.states.to(device)]
+    input_ids, attention_mask, position_ids = episodes.sequences()
+    hidden = trunk(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
+                   use_cache=False).last_hidden_state
     width, steps = episodes.prompt_ids.shape[1], episodes.response_ids.shape[1]
+    return hidden[:, width - 1 : width - 1 + steps]
+
+
+def policy_forward(model, episodes: Episodes, temperature: float, value_head: torch.nn.Module | None = None,
+                   entropy: bool = False, row_tokens: int = 0) -> PolicyOutputs:
+    """Teacher-forced log-probs of the episodes' actions (and V(s_t) from `value_head` on the same hidden
+    states): the hidden state of s_t unembedded gives π(· | s_t), which chose action a_t.
+
+    Same position ids and logits / temperature as the sampler (temperature ≤ 0, i.e. greedy sampling,
+    counts as 1); `row_tokens` ≠ 0 computes shared prompt prefixes once (`_state_hidden`)."""
+    device = next(model.parameters()).device
     temperature = 1.0 if temperature <= 0 else float(temperature)
     trunk, head = trunk_and_head(model)
     if trunk is not None:
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-        states = hidden[:, width - 1 : width - 1 + steps]
+        states = _state_hidden(trunk, model, episodes, row_tokens)
         logits = head(states)
     else:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, output_hidden_states=True)
+        input_ids, attention_mask, position_ids = episodes.sequences()
+        width, steps = episodes.prompt_ids.shape[1], episodes.response_ids.shape[1]
+        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
+                    use_cache=False, output_hidden_states=True)
         states = out.hidden_states[-1][:, width - 1 : width - 1 + steps]
         logits = out.logits[:, width - 1 : width - 1 + steps]
     mask = episodes.response_mask.to(device).float()
@@ -176,17 +196,11 @@ def policy_forward(model, episodes: Episodes, temperature: float, value_head: to
     return PolicyOutputs(logp, ent, values)
 
 
-def critic_values(critic, episodes: Episodes) -> torch.Tensor:
+def critic_values(critic, episodes: Episodes, row_tokens: int = 0) -> torch.Tensor:
     """V(s_t) [B, T] from a separate critic: a `rewards.RewardModel` (a decoder with a scalar `score`
     head, e.g. initialised from a reward model) run over the same sequences; its head reads every
-    state s_t (column P − 1 + t) instead of only the last token. The critic must share the policy's
-    tokenizer."""
-    input_ids, attention_mask, position_ids = episodes.sequences()
+    state s_t instead of only the last token. The critic must share the policy's tokenizer."""
     base = critic.base
-    device = next(critic.parameters()).device
-    trunk = getattr(base, base.base_model_prefix)
-    hidden = trunk(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
-                   use_cache=False).last_hidden_state
-    width, steps = episodes.prompt_ids.shape[1], episodes.response_ids.shape[1]
-    values = base.score(hidden[:, width - 1 : width - 1 + steps]).squeeze(-1).float()
-    return values * episodes.response_mask.to(device).float()
+    hidden = _state_hidden(getattr(base, base.base_model_prefix), base, episodes, row_tokens)
+    values = base.score(hidden).squeeze(-1).float()
+    return values * episodes.response_mask.to(values.device).float()

@@ -85,6 +85,7 @@ def pointwise_judge(score: Callable[[list[str], list[str]], list[float]]) -> Jud
         s1, s2 = score(prompts, first), score(prompts, second)
         return [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(s1, s2)]
 
+    judge.score = score
     return judge
 
 
@@ -257,9 +258,24 @@ def read_prompts(source: str, limit: int | None, seed: int) -> tuple[list[str], 
     elif not Path(source).exists():
         raise FileNotFoundError(f"{source}: no such file")
     else:
-        rows = read_instructions(source)
+        from alignkit.data.formats import read_rows
+
+        first = read_rows(source, "train")[:1]
+        if first and isinstance(first[0].data.get("prompt"), str) and "completion" not in first[0].data:  # prompts alone
+            rows = [{"prompt": _prompt_of(r), "references": [None]} for r in read_rows(source, "train")]
+        else:
+            rows = read_instructions(source)
     rows = _shuffled(rows, seed, limit)
     return [r["prompt"] for r in rows], {"completion": [r["references"][0] for r in rows]}
+
+
+def _prompt_of(row) -> str:
+    from alignkit.data.formats import DataError
+
+    prompt = row.data.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(row.where, "must be a non-empty string", field="prompt")
+    return prompt
 
 
 def run_winrate(cfg: WinRateConfig, models: tuple | None = None, client=None, log=print) -> dict:
@@ -285,6 +301,11 @@ def run_winrate(cfg: WinRateConfig, models: tuple | None = None, client=None, lo
     summary = {k: v for k, v in result.items() if k != "per_prompt"}
     if isinstance(judge, LLMJudge):
         summary["judge_unreadable"] = judge.unreadable
+    if getattr(judge, "score", None) is not None:  # a pointwise judge: the mean score of each side too
+        for name in ("a", "b"):
+            scores = judge.score(list(prompts), responses[name])
+            summary[f"mean_score_{name}"] = sum(scores) / len(scores)
+        log(f"mean score: A {summary['mean_score_a']:.3f}, B {summary['mean_score_b']:.3f}")
     log(f"win rate of A over B: {summary['win_rate']:.3f} ({summary['wins']} wins, {summary['losses']} losses, {summary['ties']} ties; "
         f"consistency {summary['consistency']:.2f}, first-position rate {summary['first_position_rate']:.2f}, n={summary['n']})")
     kl = None
@@ -307,7 +328,8 @@ def run_winrate(cfg: WinRateConfig, models: tuple | None = None, client=None, lo
                        for p, a, b, v, ref in zip(prompts, responses["a"], responses["b"], result["per_prompt"], columns["completion"])], cfg.output)
     png = plot_bars({"A wins": summary["wins"] / summary["n"], "ties": summary["ties"] / summary["n"], "B wins": summary["losses"] / summary["n"],
                      "consistency": summary["consistency"]}, sidecar(cfg.output, ".png"), "share of prompts")
-    table = markdown_table([summary], ["win_rate", "wins", "losses", "ties", "consistency", "first_position_rate", "n"])
+    table = markdown_table([summary], ["win_rate", "wins", "losses", "ties", "consistency", "first_position_rate",
+                                       *(["mean_score_a", "mean_score_b"] if "mean_score_a" in summary else []), "n"])
     if kl:
         table += "\n\n" + markdown_table([kl], ["kl_k1", "kl_k3", "kl_k1_per_token", "mean_response_tokens", "samples_per_prompt", "n"])
     sidecar(cfg.output, ".md").write_text(f"## Win rate of `{cfg.model_name_or_path}` (A) over `{cfg.ref_model}` (B), judge `{cfg.judge}`\n\n"

@@ -31,7 +31,8 @@ from alignkit.data.formats import InvalidRows
 from alignkit.data.preferences import load_preferences, tokenize_preferences
 from alignkit.data.tokenize import Formatting, pad_right
 from alignkit.losses import DPO_LOSS_TYPES, chosen_nll, dpo_losses
-from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, trunk_and_head, unwrap_base
+from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, trunk_and_head
+from alignkit.packing import for_attention, supports_custom_masks, tree_mask
 from alignkit.train.loop import Stage, load_datasets, train, write_data_report
 
 # (model being trained, batch) -> reference log-probs [2B] (chosen rows, then rejected rows)
@@ -78,13 +79,6 @@ def build_pairs(source: str, split: str, tokenizer, cfg: DPOConfig, name: str, r
     return pairs
 
 
-def shares_prompts(model) -> bool:
-    """Shared-prompt rows need attention that takes a custom 4-D mask and position ids as given;
-    sliding-window attention would ignore its window under a custom mask."""
-    config = unwrap_base(model).config
-    return config._attn_implementation in ("sdpa", "eager") and getattr(config, "sliding_window", None) is None
-
-
 def collate(pairs: list[DPOPair], pad_id: int, shared: bool = True) -> dict:
     """The 2B sequences of B pairs (chosen 0..B-1, rejected B..2B-1) as one batch for one forward pass.
 
@@ -123,11 +117,8 @@ def collate(pairs: list[DPOPair], pad_id: int, shared: bool = True) -> dict:
             start, c = len(p.prompt_ids), len(p.chosen_ids)
             segment[b, :start], segment[b, start : start + c], segment[b, start + c : len(rows[b])] = 0, 1, 2
             position_ids[b, : len(rows[b])] = torch.cat([torch.arange(start + c), torch.arange(start, start + len(p.rejected_ids))])
-        index = torch.arange(width)
-        key, query = segment[:, None, :], segment[:, :, None]
-        # query i attends key j <= i of the prompt or of its own response (padding queries: the prompt)
-        allowed = (index[None, :] <= index[:, None]) & (key >= 0) & ((key == 0) | (key == query))
-        batch.update(attention_mask=allowed[:, None], position_ids=position_ids)
+        parent = torch.tensor([[-1, 0, 0]]).repeat(n, 1)  # chosen and rejected both see the prompt only
+        batch.update(attention_mask=tree_mask(segment, parent), position_ids=position_ids)
     if all(p.ref_logps is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs])
     return batch
@@ -138,6 +129,8 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     Only the hidden states that predict a response token are unembedded: the prompt costs no vocabulary matmul."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if inputs["attention_mask"].dim() == 4:
+        inputs["attention_mask"] = for_attention(inputs["attention_mask"], model)
     trunk, head = trunk_and_head(model)
     if trunk is None:  # DDP, or logit soft-capping: the whole model, then pick the positions
         logits = model(**inputs, use_cache=False).logits.flatten(0, 1)[batch["predict_from"]]
@@ -256,7 +249,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         print("simpo is reference-free: --ref_model / --precompute_ref_log_probs are ignored")
     reference = make_reference(cfg, model, starting_adapter)
     pad_id = tokenizer.pad_token_id
-    shared = shares_prompts(model) and (not hasattr(reference, "model") or shares_prompts(reference.model))
+    shared = supports_custom_masks(model) and (not hasattr(reference, "model") or supports_custom_masks(reference.model))
     if reference is not None and cfg.precompute_ref_log_probs:
         precompute_reference(reference, model, train_pairs + (eval_pairs or []), pad_id, cfg.per_device_eval_batch_size, shared)
         reference = None  # the last reference to a separate model: it is freed here

@@ -5,8 +5,9 @@ One iteration (= one --max_steps step):
      keeps log π_old of each action and, from a hook on the LM head, the entropy and V_old (value head) of
      each state: no second pass of the policy (--recompute_old_logprobs asks for one);
   2. score them (`alignkit.rewards.build_reward`), apply the missing-EOS penalty, normalization, clipping;
-  3. log π_ref with teacher forcing (and V_old from a separate critic, if any); per-token reward
-     r_t = −β·KL_t (+ the score at the last token);
+  3. log π_ref with teacher forcing (and V_old from a separate critic, if any: with one minibatch per
+     iteration that pass keeps its graph and serves as the first update's critic forward); per-token
+     reward r_t = −β·KL_t (+ the score at the last token);
   4. advantages: GAE on the value head (gae), or a per-response leave-one-out / group-normalized
      baseline on R = score − β·Σ_t KL_t (rloo / grpo);
   5. --num_ppo_epochs passes of minibatches: clipped policy loss + vf_coef · clipped value loss
@@ -25,14 +26,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from alignkit.config import PPOConfig, save_config
-from alignkit.data.formats import DataError, InvalidRows, read_rows, sft_example, validate_messages, _format_of
-from alignkit.data.tokenize import Formatting, prompt_text
+from alignkit.data.formats import InvalidRows
+from alignkit.data.prompts import PromptExample, load_prompts
+from alignkit.data.tokenize import Formatting
 from alignkit.generation import SamplingParams
 from alignkit.losses import (
     KL_ESTIMATORS, gae, grpo_advantages, kl_penalty, ppo_policy_loss_sum, ppo_value_loss_sum, rloo_advantages, whiten,
@@ -47,65 +49,6 @@ from alignkit.train.loop import (
 ESTIMATORS = ("gae", "rloo", "grpo")
 
 
-@dataclass
-class PromptExample:
-    ids: list[int]
-    columns: dict = field(default_factory=dict)  # the row's other fields, handed to reward functions
-
-
-def _prompt_messages(row) -> tuple[list[dict] | None, str | None, str | None]:
-    """(messages ending with a user turn, or None for raw text; raw text; reference completion)."""
-    data = row.data
-    if "messages" in data:
-        messages = validate_messages(data["messages"], row.where, need_final_assistant=False)
-        if messages[-1]["role"] == "assistant":
-            return messages[:-1], None, messages[-1]["content"]
-        return messages, None, None
-    if "prompt" in data and "completion" not in data:
-        if isinstance(data["prompt"], list):
-            return validate_messages(data["prompt"], row.where, "prompt", need_final_assistant=False), None, None
-        if not isinstance(data["prompt"], str) or not data["prompt"].strip():
-            raise DataError(row.where, "must be a non-empty string or a list of messages", field="prompt", reason="bad 'prompt'")
-        return [{"role": "user", "content": data["prompt"]}], None, None
-    fmt = _format_of(row)
-    if fmt is None or fmt == "text":
-        if "text" in data and isinstance(data["text"], str):
-            return None, data["text"], None
-        raise DataError(row.where, f"no prompt in fields {sorted(data)}: expected {{'prompt'}} or {{'messages'}}", reason="no prompt")
-    messages = sft_example(row, fmt)["messages"]
-    return messages[:-1], None, messages[-1]["content"]
-
-
-def load_prompts(source: str, split: str, tokenizer, cfg: PPOConfig, verbose: bool = True) -> list[PromptExample]:
-    """Prompt-only rows ({"prompt"}, {"messages"} ending with a user turn) or any SFT format (the final
-    assistant turn becomes the `completion` column). Prompts over --max_prompt_length are dropped."""
-    invalid = InvalidRows(skip=cfg.skip_invalid)
-    fmt = Formatting(cfg.use_chat_template, cfg.separator)
-    examples, too_long = [], 0
-    for row in read_rows(source, split, invalid):
-        try:
-            messages, raw, completion = _prompt_messages(row)
-        except DataError as error:
-            invalid.report(error)
-            continue
-        text = raw if messages is None else prompt_text(tokenizer, messages, fmt)
-        ids = tokenizer(text, add_special_tokens=messages is None)["input_ids"]
-        if len(ids) > cfg.max_prompt_length or not ids:
-            too_long += 1
-            continue
-        columns = {k: v for k, v in row.data.items() if k not in ("prompt", "messages")}
-        if completion is not None:
-            columns["completion"] = completion
-        examples.append(PromptExample(ids, columns))
-    if verbose:
-        print(f"prompts ({source}): {len(examples)} kept, {too_long} over --max_prompt_length {cfg.max_prompt_length} dropped")
-    if invalid.total and verbose:
-        print(invalid.summary())
-    if not examples:
-        raise ValueError(f"{source}: no usable prompts")
-    return examples
-
-
 class ActorCritic(torch.nn.Module):
     """The policy LM plus either a scalar value head on its last hidden state or a separate critic
     (`rewards.RewardModel`); neither for rloo/grpo."""
@@ -114,8 +57,8 @@ class ActorCritic(torch.nn.Module):
         super().__init__()
         self.lm, self.value_head, self.critic = lm, value_head, critic
 
-    def values(self, episodes: Episodes, from_policy: torch.Tensor | None) -> torch.Tensor | None:
-        return critic_values(self.critic, episodes) if self.critic is not None else from_policy
+    def values(self, episodes: Episodes, from_policy: torch.Tensor | None, row_tokens: int) -> torch.Tensor | None:
+        return critic_values(self.critic, episodes, row_tokens) if self.critic is not None else from_policy
 
 
 class AdaptiveKLController:
@@ -128,7 +71,20 @@ class AdaptiveKLController:
         return beta * (1.0 + error * n / horizon)
 
 
+def _autocast(cfg: PPOConfig, device: torch.device):
+    """--mixed_precision bf16: forward passes in bfloat16 autocast; weights, optimizer, log-probs, losses
+    and advantages stay float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+
+
+def _one_minibatch(cfg: PPOConfig) -> bool:
+    """Each iteration's responses form a single minibatch (the whole batch per optimizer step)."""
+    return cfg.rollout_batch_size * cfg.num_samples_per_prompt <= cfg.mini_batch_size
+
+
 def _check(cfg: PPOConfig) -> None:
+    if cfg.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"--mixed_precision {cfg.mixed_precision}: PPO supports no | bf16 (fp16 would need loss scaling)")
     if not cfg.dataset:
         raise ValueError("--dataset is required (prompts: {'prompt'} or {'messages'} rows, or builtin:TASK)")
     if cfg.advantage_estimator not in ESTIMATORS:
@@ -249,16 +205,22 @@ def _shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig, pro
 @torch.no_grad()
 def _forward_all(lm, episodes: Episodes, cfg: PPOConfig, value_head=None, entropy=False):
     """policy_forward in chunks of --mini_batch_size, concatenated."""
-    outs = [policy_forward(lm, episodes.select(list(range(s, min(s + cfg.mini_batch_size, len(episodes.prompts))))), cfg.temperature, value_head, entropy)
+    outs = [policy_forward(lm, episodes.select(list(range(s, min(s + cfg.mini_batch_size, len(episodes.prompts))))), cfg.temperature, value_head, entropy,
+                           cfg.shared_prefix_tokens)
             for s in range(0, len(episodes.prompts), cfg.mini_batch_size)]
     cat = lambda name: None if getattr(outs[0], name) is None else torch.cat([getattr(o, name) for o in outs])
     return cat("logprobs"), cat("entropy"), cat("values")
 
 
 @torch.no_grad()
-def _critic_all(critic, episodes: Episodes, size: int) -> torch.Tensor:
-    n = len(episodes.prompts)
-    return torch.cat([critic_values(critic, episodes.select(list(range(s, min(s + size, n))))) for s in range(0, n, size)])
+def _critic_all(critic, episodes: Episodes, cfg: PPOConfig) -> torch.Tensor:
+    n, size = len(episodes.prompts), cfg.mini_batch_size
+    return torch.cat([critic_values(critic, episodes.select(list(range(s, min(s + size, n)))), cfg.shared_prefix_tokens) for s in range(0, n, size)])
+
+
+def _critic_first_pass(critic, episodes: Episodes, cfg: PPOConfig) -> torch.Tensor:
+    """V_old with the graph kept: the forward of the first (only) minibatch's value loss."""
+    return critic_values(critic, episodes, cfg.shared_prefix_tokens)
 
 
 @dataclass
@@ -276,6 +238,7 @@ class Experience:
     tokens: torch.Tensor  # [N] prompt + response tokens per global row
     stats: dict  # batch statistics for the metrics row
     seconds: dict  # time per phase
+    first_values: torch.Tensor | None = None  # [n, T] the critic's V_old with its graph, for the first update (see _experience)
 
 
 def _experience(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", ref, reward, tokenizer, batch: list[PromptExample],
@@ -303,8 +266,13 @@ def _experience(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", ref, re
         old_logp, entropy, old_values = episodes.logprobs.to(device) * mask, episodes.entropy.to(device), episodes.values
     else:
         old_logp, entropy, old_values = _forward_all(lm, episodes, cfg, value_head=policy.value_head, entropy=True)
-    if policy.critic is not None:
-        old_values = _critic_all(policy.critic, episodes, cfg.mini_batch_size)
+    first_values = None
+    if policy.critic is not None and _one_minibatch(cfg):
+        # the critic has not moved when the only minibatch's first update runs: this pass, graph kept, is its forward
+        first_values = _critic_first_pass(policy.critic, episodes, cfg)
+        old_values = first_values.detach()
+    elif policy.critic is not None:
+        old_values = _critic_all(policy.critic, episodes, cfg)
     lap("old_policy_and_values")
     if ref is not None:
         ref_logp, _, _ = _forward_all(ref, episodes, cfg)
@@ -341,7 +309,7 @@ def _experience(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", ref, re
         stats.update(returns=float(_masked_stats(returns, mask, procs)[0]), values=float(_masked_stats(old_values, mask, procs)[0]),
                      explained_variance=_explained_variance(old_values, returns, mask, procs))
     tokens = procs.gather(episodes.prompt_mask.sum(1).to(device).float()) + lengths
-    return Experience(episodes, mask, old_logp, old_values, advantages, returns, lengths, tokens, stats, seconds)
+    return Experience(episodes, mask, old_logp, old_values, advantages, returns, lengths, tokens, stats, seconds, first_values)
 
 
 def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer, scheduler, exp: Experience, step: int,
@@ -364,7 +332,8 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
                 index = torch.tensor(mine, device=device)
                 m = exp.mask[index]
                 minibatch = exp.episodes.select(mine)
-                out = policy_forward(policy.lm, minibatch, cfg.temperature, policy.value_head)
+                with _autocast(cfg, device):
+                    out = policy_forward(policy.lm, minibatch, cfg.temperature, policy.value_head, row_tokens=cfg.shared_prefix_tokens)
                 old = exp.old_logp[index]
                 ratio_error = ((out.logprobs.detach() - old).exp() - 1).abs().mul(m).max()
                 sums[4] = (kl_penalty(out.logprobs.detach(), old, "k3") * m).sum()
@@ -372,7 +341,11 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
                 loss = policy_sum / tokens
                 sums[0], sums[1] = policy_sum.detach(), clipped
                 if exp.returns is not None:
-                    values = policy.values(minibatch, out.values)
+                    with _autocast(cfg, device):
+                        if exp.first_values is not None:  # epoch 0's only minibatch: V at θ_old is V_old, graph and all
+                            values, exp.first_values = exp.first_values[index], None
+                        else:
+                            values = policy.values(minibatch, out.values, cfg.shared_prefix_tokens)
                     value_sum, value_clipped = ppo_value_loss_sum(values, exp.old_values[index], exp.returns[index], m, cfg.cliprange_value)
                     loss = loss + cfg.vf_coef * value_sum / tokens
                     sums[2], sums[3] = value_sum.detach(), value_clipped
@@ -391,7 +364,8 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
                 ptx_sum = torch.zeros((), device=device)
                 if ptx_rows[procs.rank :: procs.world]:
                     ptx_batch = {key: v.to(device) for key, v in sft_collate([ptx[i] for i in ptx_rows[procs.rank :: procs.world]], pad_id).items()}
-                    ptx_sum, _ = sft_loss(policy.lm, ptx_batch)
+                    with _autocast(cfg, device):
+                        ptx_sum, _ = sft_loss(policy.lm, ptx_batch)
                     loss = cfg.ptx_coef * ptx_sum / normalizer + (loss if loss is not None else 0)
                 metrics["ptx_loss"] = procs.sum(ptx_sum.detach()) / normalizer
             if loss is not None:
@@ -487,7 +461,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         while state["step"] < cfg.max_steps:
             step, beta = state["step"] + 1, state["kl_coef"]
             mine = [prompts[i] for i in next(stream)][procs.rank :: procs.world]
-            exp = _experience(cfg, procs, policy, ref, reward, tokenizer, [p for p in mine for _ in range(k)], step, beta, device)
+            with _autocast(cfg, device):  # sampling, scoring, reference and critic passes
+                exp = _experience(cfg, procs, policy, ref, reward, tokenizer, [p for p in mine for _ in range(k)], step, beta, device)
             update = _optimize(cfg, procs, policy, optimizer, scheduler, exp, step, ptx, ptx_stream, tokenizer.pad_token_id, device)
             state["updates"] += update["ppo_updates"]
             if cfg.kl_target > 0:

@@ -30,19 +30,13 @@ from alignkit.data.preferences import TokenizedPreference, load_preferences, tok
 from alignkit.data.tokenize import Formatting, pad_right
 from alignkit.losses import reward_model_loss_sum
 from alignkit.models import LoraSettings, apply_lora, load_tokenizer, save_model
+from alignkit.packing import supports_custom_masks, tree_mask
 from alignkit.rewards import RewardModel, init_head, load_reward_model, score_sequences, write_normalization
 from alignkit.train.loop import Stage, load_datasets, train, write_data_report
 
 
 def formatting(cfg: RMConfig) -> Formatting:
     return Formatting(cfg.use_chat_template, cfg.separator)
-
-
-def shares_prompts(rm: RewardModel) -> bool:
-    """Shared-prompt rows need a decoder that takes a custom 4-D mask and position ids as given;
-    sliding-window attention would ignore the window under a custom mask."""
-    config = rm.base.config
-    return rm.decoder and config._attn_implementation in ("sdpa", "eager") and getattr(config, "sliding_window", None) is None
 
 
 def collate(examples: list[TokenizedPreference], pad_id: int, shared: bool) -> dict:
@@ -78,11 +72,8 @@ def collate(examples: list[TokenizedPreference], pad_id: int, shared: bool) -> d
             position_ids[b, cursor : cursor + len(r)] = torch.arange(p, p + len(r))
             cursor += len(r)
             last.append(b * width + cursor - 1)
-    index = torch.arange(width)
-    key, query = segment[:, None, :], segment[:, :, None]
-    # query i may attend key j <= i of the prompt or of its own response (padding queries: the prompt)
-    allowed = (index[None, :] <= index[:, None]) & (key >= 0) & ((key == 0) | (key == query))
-    batch.update(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids, last=torch.tensor(last))
+    parent = torch.tensor([-1] + [0] * max(len(e.response_ids) for e in examples)).repeat(len(rows), 1)  # responses see the prompt
+    batch.update(input_ids=input_ids, attention_mask=tree_mask(segment, parent), position_ids=position_ids, last=torch.tensor(last))
     return batch
 
 
@@ -177,7 +168,7 @@ def run_rm(cfg: RMConfig) -> dict:
     write_data_report(cfg, report)
 
     rm = build_model(cfg, tokenizer)
-    shared, pad_id = shares_prompts(rm), tokenizer.pad_token_id
+    shared, pad_id = rm.decoder and supports_custom_masks(rm.model), tokenizer.pad_token_id
     stage = Stage(
         model=rm,
         train_examples=train_examples,
