@@ -289,12 +289,18 @@ def test_huge_kl_coefficient_keeps_the_policy_near_the_reference(setup, ppo_rows
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "grpo"])
-def test_critic_free_estimators_raise_the_score(setup, estimator):
-    rows = train(setup, estimator, advantage_estimator=estimator, num_samples_per_prompt=4, rollout_batch_size=4,
-                 learning_rate=3e-3, num_ppo_epochs=2)
-    assert abs(rows[0]["kl"]) < 1e-5 and "value_loss" not in rows[0]
-    # one iteration's score is a mean of 16 draws: compare the first two iterations with the last four
-    assert mean(rows[4:], "score") > mean(rows[:2], "score") + 0.2, [r["score"] for r in rows]
+def test_critic_free_estimators_raise_the_score(setup, estimator, tmp_path):
+    """14 iterations of 16 prompts × 4 samples, from three seeds. Measured (one thread; seeds 42, 1–4, both
+    estimators): the last four iterations beat the first two by 0.20–0.81, yet a run now and then stalls (and
+    which one depends on float rounding, e.g. the thread count), so the median rise over three seeds must be
+    well above the ~0.05 that sampling alone moves a mean of 64 draws."""
+    rises = []
+    for seed in (1, 2, 3):
+        rows = train(setup, estimator, output_dir=str(tmp_path / str(seed)), advantage_estimator=estimator, num_samples_per_prompt=4,
+                     rollout_batch_size=16, learning_rate=1.5e-3, num_ppo_epochs=2, max_steps=14, seed=seed)
+        assert abs(rows[0]["kl"]) < 1e-5 and "value_loss" not in rows[0]
+        rises.append(mean(rows[-4:], "score") - mean(rows[:2], "score"))
+    assert sorted(rises)[1] > 0.2, rises
 
 
 def test_every_option_runs_from_the_command_line(setup, tmp_path):
@@ -542,3 +548,5 @@ def test_reward_fn_flag_repeats(monkeypatch):
     assert CliRunner().invoke(app, base + ["--reward_fn", "builtin:sentiment,my.py:f", "--reward_weights", "1,0.5"]).exit_code == 0
     assert [(c.reward_fn, c.reward_weights) for c in seen] == [("builtin:sentiment,my.py:f", "1,0.5")] * 2
     assert PPOConfig.__dataclass_fields__["reward_fn"].metadata["repeatable"]
+
+
