@@ -134,7 +134,8 @@ def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, ba
 
     rm.eval()
     device = next(rm.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    # shared rows: neighbours in token order share the longest prefixes; padded rows: in length order, the least padding
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i] if shared else len(sequences[i]))
     rewards = [0.0] * len(sequences)
     with progress_bar(progress) as bar:
         task = bar.add_task("score", total=len(sequences), status="")

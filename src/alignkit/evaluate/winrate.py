@@ -260,9 +260,9 @@ def read_prompts(source: str, limit: int | None, seed: int) -> tuple[list[str], 
     else:
         from alignkit.data.formats import read_rows
 
-        first = read_rows(source, "train")[:1]
-        if first and isinstance(first[0].data.get("prompt"), str) and "completion" not in first[0].data:  # prompts alone
-            rows = [{"prompt": _prompt_of(r), "references": [None]} for r in read_rows(source, "train")]
+        raw = read_rows(source, "train")
+        if raw and isinstance(raw[0].data.get("prompt"), str) and "completion" not in raw[0].data:  # prompts alone
+            rows = [{"prompt": _prompt_of(r), "references": [None]} for r in raw]
         else:
             rows = read_instructions(source)
     rows = _shuffled(rows, seed, limit)
