@@ -317,7 +317,7 @@ def test_every_option_runs_from_the_command_line(setup, tmp_path):
         "ppo", "--model_name_or_path", str(setup / "model"), "--dataset", str(setup / "prompts.jsonl"), "--output_dir", str(tmp_path / "out"),
         "--reward_fn", f"{setup / 'reward.py'}:words,builtin:sentiment", "--reward_weights", "1,0.5", "--max_steps", "3",
         "--rollout_batch_size", "4", "--mini_batch_size", "2", "--num_ppo_epochs", "2", "--max_new_tokens", "6", "--learning_rate", "1e-2",
-        "--use_peft", "--kl_estimator", "k3", "--kl_target", "0.01", "--kl_horizon", "100", "--target_kl", "0.001", "--missing_eos_penalty", "1.0",
+        "--use_peft", "--kl_estimator", "k3", "--kl_target", "0.01", "--kl_horizon", "100", "--kl_early_stop", "0.001", "--missing_eos_penalty", "1.0",
         "--normalize_scores", "--score_clip", "1.5", "--ptx_coef", "0.5", "--ptx_dataset", str(tmp_path / "ptx.jsonl"), "--no_progress",
         "--recompute_old_logprobs",
     ]
@@ -328,7 +328,7 @@ def test_every_option_runs_from_the_command_line(setup, tmp_path):
     assert len(rows) == 3 and rows[0]["kl"] == 0.0 and rows[0]["ratio_error_before_update"] == 0.0
     assert rows[0]["kl_coef"] == 0.05 and rows[-1]["kl_coef"] != 0.05  # adaptive β moved
     assert {"score/builtin:sentiment", "ptx_loss", "value_loss"} <= set(rows[-1])
-    assert any(r["early_stopped"] for r in rows)  # a tiny target_kl stops the epochs early
+    assert any(r["early_stopped"] for r in rows)  # a tiny kl_early_stop stops the epochs early
     assert (tmp_path / "out" / "adapter_config.json").exists()
     bad = CliRunner().invoke(app, args[:7] + ["--reward_fn", "builtin:sentiment", "--advantage_estimator", "rloo"])
     assert bad.exit_code == 2 and "num_samples_per_prompt" in bad.output

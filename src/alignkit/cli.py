@@ -204,7 +204,7 @@ def demo(
     eval_per_task: int = typer.Option(15, "--eval_per_task"),
 ):
     """The main job: fine-tune the built-in model on built-in tasks; compare before and after."""
-    from alignkit.pipeline import run_demo
+    from alignkit.pipeline.demo import run_demo
 
     try:
         run_demo(model_name_or_path, output_dir, max_steps, eval_per_task)

@@ -58,6 +58,11 @@ class TrainConfig:
     use_chat_template: str = knob("auto", "auto | yes | no: format with the tokenizer's chat template")
     separator: str = knob("\n\n### Response:\n", "joins prompt and completion when no chat template is used")
     progress: bool = knob(True, "show a progress bar")
+    overwrite_output_dir: bool = knob(False, "allow --output_dir to hold another run's outputs: they are removed first (checkpoints too)")
+    skip_nonfinite: bool = knob(False, "skip (and count) optimizer steps whose loss or gradient is not finite instead of stopping")
+    gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass (less memory, ~30% more compute)")
+    report_to: str = knob("none", "none | tensorboard | wandb: where metrics go besides metrics.jsonl")
+    torch_dtype: str = knob("float32", "dtype the weights are loaded in: float32 | bfloat16 | float16 | auto")
 
 
 @dataclass
@@ -153,7 +158,7 @@ class PPOConfig(TrainConfig):
     kl_estimator: str = knob("k1", "k1 (log π − log π_ref) | k3 ((r − 1) − log r)")
     kl_target: float = knob(0.0, "adaptive β: target KL per response (0 = fixed β)")
     kl_horizon: float = knob(10000.0, "adaptive β: horizon (in responses) of the proportional controller")
-    target_kl: float = knob(0.0, "stop this iteration's updates once a minibatch's approximate KL to the rollout policy exceeds it (0 = never)")
+    kl_early_stop: float = knob(0.0, "stop this iteration's updates once a minibatch's approximate KL to the rollout policy exceeds it (0 = never)")
     gamma: float = knob(1.0, "GAE discount γ")
     lam: float = knob(0.95, "GAE λ")
     cliprange: float = knob(0.2, "ε: policy ratio clip range")

@@ -11,7 +11,7 @@ One iteration (= one --max_steps step):
   4. advantages: GAE on the value head (gae), or a per-response leave-one-out / group-normalized
      baseline on R = score − β·Σ_t KL_t (rloo / grpo);
   5. --num_ppo_epochs passes of minibatches: clipped policy loss + vf_coef · clipped value loss
-     (+ ptx_coef · LM loss on --ptx_dataset), stopping early when the approximate KL to π_old > target_kl;
+     (+ ptx_coef · LM loss on --ptx_dataset), stopping early when the approximate KL to π_old > kl_early_stop;
   6. adaptive β (when --kl_target > 0), one metrics.jsonl row, an optional checkpoint.
 
 Dropout is off throughout (the policy stays in eval mode), so the ratio π/π_old is 1 before the first
@@ -352,7 +352,7 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
             sums = procs.sum(sums) / tokens
             if epoch == 0 and first == 0:  # no update yet this iteration: π/π_old must be 1
                 first_ratio_error = float(procs.max(ratio_error))
-            if cfg.target_kl > 0 and float(sums[4]) > cfg.target_kl:
+            if cfg.kl_early_stop > 0 and float(sums[4]) > cfg.kl_early_stop:
                 stopped = True  # the updates so far moved π too far from π_old: skip the rest
                 break
             metrics = {"policy_loss": sums[0], "clipfrac": sums[1], "approx_kl": sums[4]}
