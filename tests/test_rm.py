@@ -41,10 +41,11 @@ def run(tmp_path, model_dir, data, **overrides):
 
 def direct(model_dir, rows, margin_scale=1.0, center=0.0):
     """Loss and metrics from the plain transformers model, one unpadded sequence at a time (its own
-    forward reads the last token: the chat template ends a turn with a newline, not the pad id)."""
+    forward reads the last token: the chat template ends a turn with a newline, not the pad id).
+    Also the rewards and pair differences, which set the comparison's tolerances."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    losses, accuracies, margins, means, squares = [], [], [], [], []
+    losses, accuracies, margins, all_rewards, diffs = [], [], [], [], []
     for row in rows:
         if "responses" in row:
             prompt, replies = [{"role": "user", "content": row["prompt"]}], row["responses"]
@@ -65,12 +66,30 @@ def direct(model_dir, rows, margin_scale=1.0, center=0.0):
         losses.append(sum(per_pair) / len(pairs))
         accuracies.append(sum(rewards[b] > rewards[w] for b, w in pairs) / len(pairs))
         margins.append(sum(rewards[b] - rewards[w] for b, w in pairs) / len(pairs))
-        means.append(sum(rewards) / len(rewards))
-        squares.append(sum(r * r for r in rewards) / len(rewards))
+        all_rewards.append(rewards)
+        diffs += [rewards[b] - rewards[w] for b, w in pairs]
     n = len(rows)
-    mean = sum(means) / n
-    return {"loss": sum(losses) / n, "accuracy": sum(accuracies) / n, "margin": sum(margins) / n,
-            "reward_mean": mean, "reward_std": math.sqrt(sum(squares) / n - mean**2)}
+    # each prompt weighs 1, each of its K responses 1/K; the spread is two-pass (mean first), which
+    # does not cancel the way E[r²] − E[r]² does when the rewards sit far from 0
+    mean = sum(sum(r) / len(r) for r in all_rewards) / n
+    variance = sum(sum((x - mean) ** 2 for x in r) / len(r) for r in all_rewards) / n
+    return ({"loss": sum(losses) / n, "accuracy": sum(accuracies) / n, "margin": sum(margins) / n,
+             "reward_mean": mean, "reward_std": math.sqrt(variance)}, [x for r in all_rewards for x in r], diffs)
+
+
+def metric_tolerances(rewards, diffs, center):
+    """Absolute tolerances from the scale of the rewards. alignkit's rewards come from a batched,
+    padded or shared-prompt float32 forward, the direct ones from one sequence at a time: different
+    reduction orders, so each reward may differ by a few float32 ulps of the largest activations;
+    1e-5·max|r| (~100 ulps) bounds that on any CPU and thread count. Every metric is a Lipschitz
+    function of the rewards: the mean and the std (|Δstd| ≤ max|Δr|) move by at most δ, a pair
+    difference by 2δ, −log σ(d) by 2δ, c·(r_w + r_l)² by 2c·|r_w + r_l|·2δ; accuracy is exact when
+    no pair difference lies within 2δ of 0 (asserted)."""
+    delta = 1e-5 * max(abs(r) for r in rewards)
+    assert min(abs(d) for d in diffs) > 2 * delta, "a pair too close to a tie for an exact accuracy"
+    largest = max(abs(r) for r in rewards)
+    return {"loss": 2 * delta + 4 * center * 2 * largest * delta, "accuracy": 1e-6, "margin": 2 * delta,
+            "reward_mean": delta, "reward_std": delta}
 
 
 @pytest.mark.parametrize("rows, center", [(PAIRS, 0.0), (PAIRS, 0.1), (RANKINGS, 0.0)], ids=["pairs", "pairs-centred", "rankings"])
@@ -78,11 +97,42 @@ def test_logged_step_one_loss_equals_direct_computation(tmp_path, tiny_model_dir
     data = tmp_path / "prefs.jsonl"
     write_jsonl(rows, data)
     last, logged = run(tmp_path, tiny_model_dir, data, eval_dataset=str(data), center_rewards_coefficient=center)
-    expected = direct(tmp_path / "out", rows, center=center)  # lr 0: the saved model is the initial one
+    expected, rewards, diffs = direct(tmp_path / "out", rows, center=center)  # lr 0: the saved model is the initial one
+    tolerance = metric_tolerances(rewards, diffs, center)
     for key, value in expected.items():
-        assert logged[0][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-        assert logged[1][f"eval_{key}"] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-    assert last["loss"] == pytest.approx(expected["loss"], rel=1e-4)
+        assert logged[0][key] == pytest.approx(value, rel=0, abs=tolerance[key]), key
+        assert logged[1][f"eval_{key}"] == pytest.approx(value, rel=0, abs=tolerance[key]), key
+    assert "reward_sq" not in logged[0] and "reward_shift" not in logged[1]
+    assert last["loss"] == pytest.approx(expected["loss"], rel=0, abs=tolerance["loss"])
+
+
+def test_reward_std_is_exact_far_from_zero(tiny_model_dir, tokenizer):
+    """Rewards at 300 ± ~0.1 (a shifted head), summed over two micro-batches as the loop sums them:
+    sqrt(E[r²] − E[r]²) in float32 is noise there (E[r²] ≈ 9e4 has an ulp of 0.008, the variance is
+    ~0.01); the logged std must equal the two-pass std of the same rewards. Tolerance: the rewards of
+    the two micro-batches and of the full batch differ by a few ulps of 300 (3e-5 each), and the std
+    moves by at most max|Δr|; 8 ulps also covers the float32 sums."""
+    from alignkit.train.rm import RewardShift, add_reward_std
+
+    rm, _ = load_reward_model(str(tiny_model_dir))
+    init_head(rm.model, 1)
+    rm.base.config.reward_offset = 300.0
+    prefs = [preference_example(Row(r, f"t:{i}")) for i, r in enumerate(RANKINGS)]
+    examples = [tokenize_preference(p, tokenizer, Formatting()) for p in prefs]
+    shift, totals = RewardShift(), {}
+    with torch.no_grad():
+        for chunk in ([examples[0]], examples[1:]):
+            _, metrics = rm_loss(rm, collate(chunk, tokenizer.pad_token_id, shared=True), shift=shift)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0) + value.float() / len(examples)
+        batch = collate(examples, tokenizer.pad_token_id, shared=True)
+        rewards = rm(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["last"]).double()
+    row = add_reward_std({k: v.item() for k, v in totals.items()})
+    groups = batch["response_group"]
+    mean = torch.stack([rewards[groups == g].mean() for g in range(len(examples))]).mean()
+    std = torch.stack([((rewards[groups == g] - mean) ** 2).mean() for g in range(len(examples))]).mean().sqrt().item()
+    assert 0.01 < std < 1, std  # the regime the test is about
+    assert row["reward_std"] == pytest.approx(std, rel=0, abs=8 * 2.0**-15)  # float32 spacing in [256, 512)
 
 
 def test_pad_equal_to_eos_reads_the_last_real_token(tiny_model_dir, tokenizer):

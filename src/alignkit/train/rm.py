@@ -12,7 +12,8 @@ once and with less padding. Encoders (bidirectional) get one padded row per resp
 
 Logged metrics (train and eval; per prompt means over its pairs/responses, then averaged over prompts):
 loss, accuracy (share of pairs with r_w > r_l), margin (mean r_w − r_l), reward_mean, reward_std
-(from the means of r and r²: sqrt(E[r²] − E[r]²), added to metrics.jsonl when training ends).
+(sqrt(E[(r − c)²] − (E[r] − c)²) around a fixed reference c near the mean, see `RewardShift`; added to
+metrics.jsonl when training ends).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,8 +86,29 @@ def per_prompt_sum(values: torch.Tensor, group: torch.Tensor, num_groups: int) -
     return (sums / counts).sum()
 
 
-def rm_loss(model, batch: dict, center_coefficient: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """(Σ over prompts of the pairwise loss, metric sums); the loop divides both by the number of prompts."""
+@dataclass
+class RewardShift:
+    """The reference c of the logged reward spread. The loop can only sum metrics, so the std comes from
+    the means of r and (r − c)²: var = E[(r − c)²] − (E[r] − c)², exact for any constant c. With c = 0
+    that subtraction cancels: rewards of −2.7 ± 0.09 lose a factor (2.7 / 0.09)² ≈ 900 of float32's
+    precision (std off by 1e-4 relative). c = the mean reward of the first training batch (averaged over
+    processes, so every process sums around the same c) keeps E[r] − c within a few stds of zero."""
+
+    value: float | None = None
+
+    def of(self, rewards: torch.Tensor) -> float:
+        if self.value is None:
+            mean = rewards.detach().double().mean()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():  # first batch: every process is here
+                torch.distributed.all_reduce(mean)
+                mean /= torch.distributed.get_world_size()
+            self.value = mean.item()
+        return self.value
+
+
+def rm_loss(model, batch: dict, center_coefficient: float = 0.0, shift: RewardShift | None = None) -> tuple[torch.Tensor, dict]:
+    """(Σ over prompts of the pairwise loss, metric sums); the loop divides both by the number of prompts.
+    `reward_shift` is c itself (summed once per prompt, so it averages to c) for `add_reward_std`."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "last") if k in batch}
     rewards = model(**inputs)
     better, worse, group = batch["better"], batch["worse"], batch["group"]
@@ -93,11 +116,13 @@ def rm_loss(model, batch: dict, center_coefficient: float = 0.0) -> tuple[torch.
     loss = reward_model_loss_sum(rewards, better, worse, group, num_groups, batch["margin"], center_coefficient)
     with torch.no_grad():
         diff = rewards[better] - rewards[worse]
+        c = (shift or RewardShift()).of(rewards)
         metrics = {
             "accuracy": per_prompt_sum((diff > 0).float(), group, num_groups),
             "margin": per_prompt_sum(diff, group, num_groups),
             "reward_mean": per_prompt_sum(rewards, batch["response_group"], num_groups),
-            "reward_sq": per_prompt_sum(rewards**2, batch["response_group"], num_groups),
+            "reward_sq": per_prompt_sum((rewards.double() - c) ** 2, batch["response_group"], num_groups),
+            "reward_shift": torch.tensor(c * num_groups, device=rewards.device),
         }
     return loss, metrics
 
@@ -151,10 +176,12 @@ def normalize(cfg: RMConfig, tokenizer) -> dict:
 
 
 def add_reward_std(row: dict) -> dict:
-    """reward_sq (mean of r²) -> reward_std = sqrt(E[r²] − E[r]²), for train and eval columns."""
+    """reward_sq (mean of (r − c)²) and reward_shift (c) -> reward_std = sqrt(E[(r − c)²] − (E[r] − c)²),
+    for train and eval columns (see `RewardShift`)."""
     for prefix in ("", "eval_"):
         if f"{prefix}reward_sq" in row:
-            row[f"{prefix}reward_std"] = math.sqrt(max(row.pop(f"{prefix}reward_sq") - row[f"{prefix}reward_mean"] ** 2, 0.0))
+            shifted_mean = row[f"{prefix}reward_mean"] - row.pop(f"{prefix}reward_shift")
+            row[f"{prefix}reward_std"] = math.sqrt(max(row.pop(f"{prefix}reward_sq") - shifted_mean**2, 0.0))
     return row
 
 
@@ -168,13 +195,14 @@ def run_rm(cfg: RMConfig) -> dict:
     write_data_report(cfg, report)
 
     rm = build_model(cfg, tokenizer)
+    shift = RewardShift()
     shared, pad_id = rm.decoder and supports_custom_masks(rm.model), tokenizer.pad_token_id
     stage = Stage(
         model=rm,
         train_examples=train_examples,
         eval_examples=eval_examples,
         collate=lambda examples: collate(examples, pad_id, shared),
-        loss=lambda model, batch: rm_loss(model, batch, cfg.center_rewards_coefficient),
+        loss=lambda model, batch: rm_loss(model, batch, cfg.center_rewards_coefficient, shift),
         weight=lambda e: 1.0,
         num_tokens=lambda e: sum(len(e.prompt_ids) + len(r) for r in e.response_ids),
         save=lambda model, directory: save_reward_model(model, tokenizer, directory),
@@ -184,7 +212,9 @@ def run_rm(cfg: RMConfig) -> dict:
         return row
     metrics = Path(cfg.output_dir, "metrics.jsonl")
     rows = [add_reward_std(json.loads(line)) for line in metrics.read_text().splitlines() if line.strip()]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    partial = metrics.with_name(metrics.name + ".partial")  # a crash here leaves metrics.jsonl whole
+    partial.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    partial.replace(metrics)
     if cfg.normalize_dataset:
         row.update(normalize(cfg, tokenizer))
     return row
