@@ -216,6 +216,11 @@ REWARD = '''
 def words(prompts, responses):
     """Words started per response token budget (8): a space opens a word."""
     return [r.count(" ") / 8 for r in responses]
+
+
+def varied(prompts, responses):
+    """Differs from row to row even when greedy decoding gives every prompt the same response."""
+    return [(len(p) % 7) / 7 + len(set(r)) / 8 for p, r in zip(prompts, responses)]
 '''
 
 
@@ -266,13 +271,18 @@ def ppo_rows(setup):
 
 
 def test_ppo_raises_the_score(setup, ppo_rows):
-    rows = ppo_rows  # 8 iterations of 16 prompts; the score is the share of 8 tokens that start a word
+    """8 iterations of 16 prompts; the score is the share of 8 tokens that start a word. The starting policy
+    scores 0.16 on average (first iterations of 11 seeds: 0.02–0.27), so one iteration is a noisy baseline;
+    iterations 5–8 average (measured over 11 seeds, 42 and 0–9, one thread): min 0.48, median 0.61, max
+    0.74 (0.41 for seed 42 on an AVX-512 EPYC with 2 threads). 0.3 is well below the worst, and far above
+    an unchanged policy (0.16 ± 0.04 over 64 responses)."""
+    rows = ppo_rows
     assert [r["step"] for r in rows] == list(range(1, 9))
     # before the first update the policy is the reference: log π_old (the sampler's) and log π_ref (teacher
     # forcing) differ only by float rounding, summed over ≤ 8 tokens
     assert abs(rows[0]["kl"]) < 1e-5
     assert all(r["ratio_error_before_update"] < 1e-4 for r in rows)  # max |π/π_old − 1| on each iteration's first minibatch
-    assert mean(rows[4:], "score") > rows[0]["score"] + 0.25, [r["score"] for r in rows]
+    assert mean(rows[4:], "score") > 0.3, [r["score"] for r in rows]
     expected = {"score", "reward", "kl", "kl_coef", "entropy", "response_length", "eos_fraction", "policy_loss", "value_loss",
                 "clipfrac", "approx_kl", "explained_variance", "returns", "generation_tokens_per_second", "training_tokens_per_second"}
     assert expected <= set(rows[-1])
@@ -503,24 +513,36 @@ def test_two_processes_make_the_update_of_one(setup, tmp_path):
 
     write_jsonl(tasks.make_mixture(["reversal"], "train", 8, seed=2), tmp_path / "ptx.jsonl")
     # padded rows (--shared_prefix_tokens 0): each episode is computed with the same bits however the batch is
-    # split, which this comparison needs (every score is 0 here, so whitening would blow float rounding up to
-    # unit-size advantages); prefix-shared rows are compared with padded ones in a one-process test
+    # split; prefix-shared rows are compared with padded ones in a one-process test. The reward varies from
+    # row to row: with equal scores the advantages would be whitened float rounding (the KL before the
+    # first update), which differs with the batch shape on some CPUs and made this comparison flaky.
     settings = dict(max_steps=2, rollout_batch_size=8, mini_batch_size=3, num_ppo_epochs=2, max_new_tokens=6, temperature=0.0,
-                    normalize_scores=True, ptx_coef=0.5, ptx_dataset=str(tmp_path / "ptx.jsonl"), max_grad_norm=0.0, shared_prefix_tokens=0)
+                    normalize_scores=True, ptx_coef=0.5, ptx_dataset=str(tmp_path / "ptx.jsonl"), max_grad_norm=0.0, shared_prefix_tokens=0,
+                    reward_fn=f"{setup / 'reward.py'}:varied")
     args = [f"--{key}={value}" for key, value in settings.items() if not isinstance(value, bool)] + ["--normalize_scores", "--no_progress"]
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "alignkit.cli", "ppo", "--model_name_or_path", str(setup / "model"),
-                          "--dataset", str(setup / "prompts.jsonl"), "--reward_fn", f"{setup / 'reward.py'}:words", "--learning_rate", "1e-3",
+                          "--dataset", str(setup / "prompts.jsonl"), "--learning_rate", "1e-3",
                           "--lr_scheduler_type", "constant", "--output_dir", str(tmp_path / "two"), *args],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     one = train(setup, "unused", output_dir=str(tmp_path / "one"), **settings)
     rows = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]  # one row per iteration, from rank 0
+    # The runs add the same float32 terms in different orders (all-reduced gradients and statistics, batches
+    # of 4 rows or 8), so each per-token term carries ~1e-7 relative rounding, which Adam's 1/√v carries into
+    # later updates; measured differences: ≤ 1.3e-6 of a term's size (1 and 2 threads, ATEN_CPU_CAPABILITY=default
+    # and avx2; with whitened-noise advantages, 2.4e-4 on policy_loss). Each logged mean is compared with 1e-4
+    # of the size of the terms it sums, not of the result: policy_loss, returns and explained_variance are
+    # means of ± terms of size ~1 (whitened advantages and normalized scores have RMS 1, ratios are ~1) that
+    # can cancel to ~0; kl sums per-token log π − log π_ref over a response, each a difference of log-probs
+    # of size ~entropy (≈ 10 nats over a random 49k vocabulary); clipfrac averages 0/1 flags; the rest
+    # (score, entropy, length, value and ptx losses, k3 KL) average non-negative terms: relative to themselves.
     for a, b in zip(one, rows):
+        scale = {"policy_loss": 1.0, "returns": 1.0, "explained_variance": 1.0, "clipfrac": 1.0, "kl": a["response_length"] * a["entropy"]}
         for key in ("score", "kl", "entropy", "response_length", "policy_loss", "value_loss", "clipfrac", "approx_kl", "ptx_loss",
                     "returns", "explained_variance"):
-            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-4 * scale.get(key, 0.0)), (key, a[key], b[key])
         assert a["ppo_updates"] == b["ppo_updates"] == 6
     w1, w2 = load_file(str(tmp_path / "one/model.safetensors")), load_file(str(tmp_path / "two/model.safetensors"))
     assert all(torch.allclose(w1[n], w2[n], atol=1e-5) for n in w1)
