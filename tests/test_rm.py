@@ -197,11 +197,16 @@ def test_accuracy_and_margin_metrics_are_direct_counts(tiny_model_dir, tokenizer
 
 
 def test_learns_comparison_to_high_held_out_accuracy_and_saves_a_loadable_model(tmp_path, tiny_model_dir):
-    """A random tiny model learns to prefer the larger number; the test pairs are unseen items."""
+    """A random tiny model learns to prefer the larger number; the test pairs are unseen items.
+
+    Before: the accuracy of step 1 (the fresh head on its first 32 pairs, fixed by the seed: 0.53 for 42;
+    0.34–0.75 over 10 seeds). The mean over steps 1–40 that this used to read is already a training
+    outcome (0.72–0.85 over 10 seeds, 7 of them above the old bound 0.8). After: held-out accuracy measured
+    over 10 seeds (42, 1–9; one thread): min 0.98, median 0.99, max 1.0; the bound 0.9 is well below."""
     last, rows = run(tmp_path, tiny_model_dir, "builtin_pref:comparison:2000", eval_dataset="builtin_pref:comparison:200",
                      max_steps=120, per_device_train_batch_size=32, learning_rate=3e-3, lr_scheduler_type="cosine",
-                     warmup_ratio=0.05, logging_steps=40, use_chat_template="no", separator=" = ")
-    assert rows[0]["accuracy"] < 0.8 and last["eval_accuracy"] >= 0.9, last
+                     warmup_ratio=0.05, logging_steps=1, use_chat_template="no", separator=" = ")
+    assert rows[0]["step"] == 1 and rows[0]["accuracy"] < 0.8 and last["eval_accuracy"] >= 0.9, last
     out = tmp_path / "out"
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.architectures == ["LlamaForSequenceClassification"]

@@ -98,11 +98,11 @@ class RewardShift:
 
     def of(self, rewards: torch.Tensor) -> float:
         if self.value is None:
-            mean = rewards.detach().double().mean()
+            mean = rewards.detach().float().mean()
             if torch.distributed.is_available() and torch.distributed.is_initialized():  # first batch: every process is here
                 torch.distributed.all_reduce(mean)
                 mean /= torch.distributed.get_world_size()
-            self.value = mean.item()
+            self.value = mean.item()  # a float32 value: r − c below subtracts exactly this c
         return self.value
 
 
@@ -121,8 +121,8 @@ def rm_loss(model, batch: dict, center_coefficient: float = 0.0, shift: RewardSh
             "accuracy": per_prompt_sum((diff > 0).float(), group, num_groups),
             "margin": per_prompt_sum(diff, group, num_groups),
             "reward_mean": per_prompt_sum(rewards, batch["response_group"], num_groups),
-            "reward_sq": per_prompt_sum((rewards.double() - c) ** 2, batch["response_group"], num_groups),
-            "reward_shift": torch.tensor(c * num_groups, device=rewards.device),
+            "reward_sq": per_prompt_sum((rewards.float() - c) ** 2, batch["response_group"], num_groups),
+            "reward_shift": torch.tensor(c * num_groups, dtype=torch.float32, device=rewards.device),
         }
     return loss, metrics
 
