@@ -279,6 +279,11 @@ def test_dpo_teaches_the_preferred_answer_after_sft(tmp_path, tiny_model_dir, to
     held-out prompts is the rate at which samples are the chosen (or the rejected) answer, without sampling noise.
     Plain DPO on these near-identical pairs lowers π(chosen) too (it pushes both down, the rejected faster), so
     this run adds RPO's NLL term (--sft_weight 1); docs/dpo.md has the plain-DPO numbers.
+
+    Measured (one thread; only seeds 42 and 1 so far: a run takes ~20 min on the shared 2-core machine):
+    held-out accuracy 0.935, 0.915 (a plateau from step 30; π = π_ref gives 0, chance 0.5); π(chosen)
+    after/before 1.079, 1.079; π(rejected) after/before 0.61, 0.74. The bounds 0.8, 1.03 and 0.9 leave
+    room for other CPUs and seeds (0.9 and 0.8 before: the second seed came within 0.015 and 0.06).
     """
     from alignkit.config import SFTConfig
     from alignkit.models import load_causal_lm
@@ -291,7 +296,7 @@ def test_dpo_teaches_the_preferred_answer_after_sft(tmp_path, tiny_model_dir, to
     row = dpo.run_dpo(DPOConfig(model_name_or_path=str(tmp_path / "sft"), dataset="builtin_pref:comparison:2000",
                                 eval_dataset="builtin_pref:comparison:200", output_dir=str(tmp_path / "dpo"), max_steps=40,
                                 per_device_train_batch_size=32, learning_rate=3e-4, beta=1.0, sft_weight=1.0, logging_steps=10, **fmt))
-    assert row["eval_rewards/accuracies"] >= 0.9  # held-out preference accuracy of the implicit reward
+    assert row["eval_rewards/accuracies"] >= 0.8  # held-out preference accuracy of the implicit reward
 
     cfg = DPOConfig(**fmt)
     pairs = dpo.build_pairs("builtin_pref:comparison:200", "test", tokenizer, cfg, "test", {})
@@ -303,4 +308,4 @@ def test_dpo_teaches_the_preferred_answer_after_sft(tmp_path, tiny_model_dir, to
         rates[name] = (probs[: len(pairs)].mean().item(), probs[len(pairs) :].mean().item())
     (chosen_before, rejected_before), (chosen_after, rejected_after) = rates["sft"], rates["dpo"]
     assert chosen_after > 1.03 * chosen_before  # measured 0.097 -> 0.105
-    assert rejected_after < 0.8 * rejected_before  # measured 0.014 -> 0.009
+    assert rejected_after < 0.9 * rejected_before  # measured 0.014 -> 0.009

@@ -290,6 +290,9 @@ def test_ppo_raises_the_score(setup, ppo_rows):
 
 
 def test_huge_kl_coefficient_keeps_the_policy_near_the_reference(setup, ppo_rows):
+    """Measured over 9 seeds (42, 0–7; one thread), β = 10 against β = 0.05 at the same seed: mean KL of
+    iterations 3–8 min 0.003, median 0.04, max 0.10 (bound 0.3); its ratio to β = 0.05's min 0.003, median
+    0.04, max 0.13 (bound 0.3); the score of iterations 5–8 lower by min 0.16, median 0.41, max 0.49 (bound 0)."""
     rows = train(setup, "big_beta", kl_coef=10.0)
     assert abs(rows[0]["kl"]) < 1e-5
     # KL is 0 during iteration 1, so its update is the same for both β; from then on the penalty acts
