@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None, max: float | None = None,
          min_exclusive: bool = False, max_exclusive: bool = False, aliases: tuple[str, ...] = (),
-         flag_values: dict[str, Any] | None = None, path: str = "", required: bool = False, repeatable: bool = False) -> Any:
+         flag_values: dict[str, Any] | None = None, path: str = "", required: bool = False, repeatable: bool = False, envvar: str = "") -> Any:
     """Declare a config field.
 
     choices: the allowed values. min/max: numeric range, inclusive unless min_exclusive/max_exclusive.
@@ -34,9 +34,10 @@ def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | 
     path: "output_dir" (a directory to write: must not be a file), "output_file" (a file to write: must not be a
     directory, nor under a file), "input_file" (must exist). required: must be given (flag or YAML).
     repeatable: a comma-separated string whose flag may also be given several times.
+    envvar: an environment variable read when the flag is not given (secrets such as API keys).
     """
     metadata = dict(help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive, max_exclusive=max_exclusive,
-                    aliases=tuple(aliases), flag_values=dict(flag_values or {}), path=path, required=required, repeatable=repeatable)
+                    aliases=tuple(aliases), flag_values=dict(flag_values or {}), path=path, required=required, repeatable=repeatable, envvar=envvar)
     if isinstance(default, list):  # a flag given several times (--prompt A --prompt B)
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)

@@ -33,10 +33,22 @@ def fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (test runners swap it per command)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure_logging(verbose: bool) -> None:
     """alignkit's diagnostics go to stderr; without --verbose, transformers/HF hub info logs and progress bars are off."""
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.propagate = False
@@ -91,7 +103,7 @@ def command_from(cls: type, run: Callable, help: str | None = None, yaml_config:
             decls = [f"--{f.name}/--no_{f.name}"] + [f"{a}/--no_{a.lstrip('-')}" for a in aliases]
         else:
             decls = [f"--{f.name}", *aliases]
-        option = typer.Option(None, *decls, help=_help(f), show_default=False)
+        option = typer.Option(None, *decls, help=_help(f), show_default=False, envvar=f.metadata.get("envvar") or None)
         if kind is list:  # given several times, kept as a list
             annotation = Optional[hints[f.name]]
         else:
