@@ -14,14 +14,13 @@ from typing import Callable
 import typer
 
 from alignkit.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, knob, refuse
-from alignkit.flags import USER_ERRORS, command_from, configure_logging, fail
+from alignkit.flags import APP_SETTINGS, USER_ERRORS, command_from, configure_logging, fail
 
 log = logging.getLogger("alignkit")
-HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=HELP_OPTIONS,
+app = typer.Typer(add_completion=False, no_args_is_help=True, **APP_SETTINGS,
                   help="From a pretrained LM to an aligned assistant.")
-data_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS, help="Build instruction data sets.")
+data_app = typer.Typer(no_args_is_help=True, **APP_SETTINGS, help="Build instruction data sets.")
 app.add_typer(data_app, name="data")
 
 # kept for callers that import them from here
@@ -190,7 +189,7 @@ data_app.command("flan", help="Render data sets through Flan-style templates and
 data_app.command("self-instruct")(self_instruct_command)
 
 
-@app.command(context_settings=HELP_OPTIONS)
+@app.command()
 def demo(
     model_name_or_path: str = typer.Option("smollm2-135m-instruct", "--model_name_or_path"),
     output_dir: str = typer.Option("outputs/demo", "--output_dir"),

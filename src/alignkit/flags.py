@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import typing
+import warnings
 from typing import Callable, Optional
 
 import typer
@@ -21,6 +22,8 @@ import typer
 from alignkit.config import _kind, allowed_text, load_config, value_switches
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+# every typer app of alignkit: -h as well as --help; plain help text (rich's boxes cut long flag names to fit 80 columns)
+APP_SETTINGS = {"context_settings": {"help_option_names": ["-h", "--help"]}, "rich_markup_mode": None}
 log = logging.getLogger("alignkit")
 
 
@@ -65,8 +68,10 @@ def configure_logging(verbose: bool) -> None:
 
         if verbose:
             transformers.logging.set_verbosity_info()
-            transformers.logging.enable_progress_bar()
-            huggingface_hub.utils.enable_progress_bars()
+            with warnings.catch_warnings():  # the hub read HF_HUB_DISABLE_PROGRESS_BARS at import; it may refuse
+                warnings.simplefilter("ignore")
+                transformers.logging.enable_progress_bar()
+                huggingface_hub.utils.enable_progress_bars()
         else:
             transformers.logging.set_verbosity_error()
             transformers.logging.disable_progress_bar()
@@ -78,11 +83,11 @@ def _help(f: dataclasses.Field) -> str:
     default = f.default if f.default is not dataclasses.MISSING else None
     parts = [f.metadata.get("help", "")]
     if allowed:
-        parts.append(f"\\[{allowed}]")
+        parts.append(f"[{allowed}]")
     if f.metadata.get("required"):
-        parts.append("\\[required]")
+        parts.append("[required]")
     elif default not in (None, ""):
-        parts.append(f"\\[default: {default!r}]")
+        parts.append(f"[default: {default!r}]")
     return " ".join(p for p in parts if p)
 
 

@@ -43,7 +43,7 @@ import typer
 from alignkit.config import knob
 from alignkit.data.formats import DataError, read_rows
 from alignkit.data.generators import Completion, Generator, LocalGenerator, OpenAIGenerator
-from alignkit.flags import command_from
+from alignkit.flags import APP_SETTINGS, command_from
 
 if TYPE_CHECKING:
     from alignkit.data.similarity import RougePool  # imported where used: rouge_score pulls in nltk (~1 s)
@@ -525,5 +525,5 @@ def run_self_instruct_command(cfg: SelfInstructConfig) -> None:
 
 self_instruct_command = command_from(SelfInstructConfig, run_self_instruct_command)
 
-app = typer.Typer(add_completion=False, help="Self-Instruct synthetic instruction data.")
+app = typer.Typer(add_completion=False, **APP_SETTINGS, help="Self-Instruct synthetic instruction data.")
 app.command("self-instruct")(self_instruct_command)

@@ -12,10 +12,10 @@ import logging
 import typer
 
 from alignkit.evaluate.config import EvalConfig, HHHConfig, SensitivityConfig, WinRateConfig
-from alignkit.flags import command_from
+from alignkit.flags import APP_SETTINGS, command_from
 
 log = logging.getLogger("alignkit")
-eval_app = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]},
+eval_app = typer.Typer(add_completion=False, **APP_SETTINGS,
                        help="Evaluate a model: few-shot task metrics, prompt sensitivity, win rates, HHH probes.")
 
 

@@ -6,13 +6,12 @@ import logging
 
 import typer
 
-from alignkit.flags import command_from
+from alignkit.flags import APP_SETTINGS, command_from
 from alignkit.serve.config import ChatConfig, FeedbackExportConfig, ServeConfig
 
 log = logging.getLogger("alignkit")
-HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
-app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=HELP_OPTIONS, help="Chat, serve and collect feedback.")
-feedback_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS, help="Human feedback collected by `alignkit serve --feedback_db`.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, **APP_SETTINGS, help="Chat, serve and collect feedback.")
+feedback_app = typer.Typer(no_args_is_help=True, **APP_SETTINGS, help="Human feedback collected by `alignkit serve --feedback_db`.")
 app.add_typer(feedback_app, name="feedback")
 
 
