@@ -248,11 +248,11 @@ def test_people_judge_the_pipeline_samples_in_the_browser(tiny_model_dir, browse
 @needs_chromium
 def test_a_demonstration_written_in_the_page_becomes_sft_data(tiny_model_dir, browser, tmp_path):
     import httpx
+    from playwright.sync_api import expect
 
     from alignkit.cli import app as cli
     from alignkit.data.formats import load_sft_examples
     from alignkit.serve.app import BackgroundServer, ServeConfig, create_app, load_state
-    from playwright.sync_api import expect
 
     db = tmp_path / "feedback.db"
     state = load_state(ServeConfig(str(tiny_model_dir), served_model_name="tiny", feedback_db=str(db)))

@@ -243,8 +243,7 @@ def write_jsonl_atomically(rows: list[dict], output: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
