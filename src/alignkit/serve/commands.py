@@ -61,8 +61,12 @@ def run_serve(cfg: ServeConfig) -> None:
 
 
 def run_feedback_export(cfg: FeedbackExportConfig) -> None:
-    from alignkit.serve.feedback import export_preferences
+    from alignkit.serve.feedback import export_demonstrations, export_preferences
 
+    if cfg.kind == "demonstrations":
+        written = export_demonstrations(cfg.feedback_db, cfg.output, cfg.annotator or None)
+        print(f"wrote {written} demonstration(s) to {cfg.output} (prompt/completion rows for `alignkit sft --dataset`)")
+        return
     counts = export_preferences(cfg.feedback_db, cfg.output, cfg.annotator or None)
     written = counts["pairs"] + counts["rankings"]
     print(f"wrote {written} row(s) to {cfg.output}: {counts['pairs']} pair(s), {counts['rankings']} ranking(s); "

@@ -93,11 +93,15 @@ class ChatConfig:
 
 @dataclass
 class FeedbackExportConfig:
-    """Write the stored judgments as preference rows: pairs {prompt, chosen, rejected}, rankings {prompt, responses, ranks}."""
+    """Write the stored judgments as preference rows: pairs {prompt, chosen, rejected}, rankings {prompt, responses, ranks};
+    with --kind demonstrations, the written answers as SFT rows {prompt, completion}."""
 
-    output: str = knob("", "preference JSONL for `alignkit rm` / `alignkit dpo` --dataset", required=True, path="output_file")
+    output: str = knob("", "JSONL: preferences for `alignkit rm` / `alignkit dpo`, demonstrations for `alignkit sft`", required=True,
+                       path="output_file")
     feedback_db: str = knob("feedback.db", "the SQLite file `alignkit serve --feedback_db` wrote")
     annotator: str = knob("", "only this annotator's judgments")
+    kind: str = knob("preferences", "preferences (the judgments) | demonstrations (the ideal answers people wrote)",
+                     choices=("preferences", "demonstrations"))
 
     def validate(self) -> None:
         check_sqlite("feedback_db", self.feedback_db, must_exist=True)
