@@ -14,7 +14,7 @@ from typing import Callable
 import typer
 
 from alignkit.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, knob, refuse
-from alignkit.flags import APP_SETTINGS, USER_ERRORS, command_from, configure_logging, fail
+from alignkit.flags import APP_SETTINGS, command_from, fail
 
 log = logging.getLogger("alignkit")
 
@@ -189,22 +189,21 @@ data_app.command("flan", help="Render data sets through Flan-style templates and
 data_app.command("self-instruct")(self_instruct_command)
 
 
-@app.command()
-def demo(
-    model_name_or_path: str = typer.Option("smollm2-135m-instruct", "--model_name_or_path"),
-    output_dir: str = typer.Option("outputs/demo", "--output_dir"),
-    max_steps: int = typer.Option(60, "--max_steps", min=1),
-    eval_per_task: int = typer.Option(15, "--eval_per_task", min=1),
-    verbose: bool = typer.Option(False, "--verbose", help="show transformers / HF hub info logs and progress bars"),
-):
-    """The main job: fine-tune the built-in model on built-in tasks; compare before and after."""
+@dataclass
+class DemoConfig:
+    model_name_or_path: str = knob("smollm2-135m-instruct", "HF model dir, hub id, or built-in name")
+    output_dir: str = knob("outputs/demo", "where the fine-tuned model and report.md go", path="output_dir")
+    max_steps: int = knob(60, "optimizer steps of the fine-tuning", min=1)
+    eval_per_task: int = knob(15, "held-out items per task, scored before and after", min=1)
+
+
+def run_demo_command(cfg: DemoConfig) -> None:
     from alignkit.pipeline.demo import run_demo
 
-    configure_logging(verbose)
-    try:
-        run_demo(model_name_or_path, output_dir, max_steps, eval_per_task)
-    except USER_ERRORS as error:
-        fail(error)
+    run_demo(cfg.model_name_or_path, cfg.output_dir, cfg.max_steps, cfg.eval_per_task)
+
+
+config_command("demo", DemoConfig, run_demo_command, "The main job: fine-tune the built-in model on built-in tasks; compare before and after.")
 
 
 from alignkit.evaluate.commands import eval_app  # noqa: E402

@@ -156,7 +156,7 @@ def value_switches(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {name.lstrip("-"): (f, value) for f in dataclasses.fields(cls) for name, value in f.metadata.get("flag_values", {}).items()}
 
 
-def _read_yaml(config_file: str) -> tuple[dict, dict[str, int]]:
+def read_yaml(config_file: str) -> tuple[dict, dict[str, int]]:
     """The mapping in `config_file` and the line of each key; ConfigError with file:line on bad YAML."""
     path = Path(config_file)
     if not path.is_file():
@@ -185,7 +185,7 @@ def load_config(cls: type, config_file: str | None = None, overrides: dict[str, 
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     if config_file:
-        loaded, lines = _read_yaml(config_file)
+        loaded, lines = read_yaml(config_file)
         for key, raw in loaded.items():
             where = f"{config_file}:{lines.get(str(key), '?')}: key '{key}'"
             if key in switches:
