@@ -130,6 +130,9 @@ def test_yaml_bad_value_names_file_line_and_key(tmp_path, no_loading):
     path.write_text("dataset: train.jsonl\nlerning_rate: 0.1\n")
     with pytest.raises(ConfigError, match=rf"{path}:2: unknown key 'lerning_rate'.*learning_rate"):
         load_config(SFTConfig, str(path))
+    path.write_text("dataset: train.jsonl\nbf16: 3\n")
+    with pytest.raises(ConfigError, match=rf"{path}:2: key 'bf16': must be true or false"):
+        load_config(SFTConfig, str(path))
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(SFTConfig, str(path))
@@ -272,3 +275,12 @@ def test_the_flag_error_wins_in_a_real_process(tmp_path):
         done = subprocess.run([sys.executable, "-m", "alignkit.cli", *args], capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 2 and done.stderr.startswith(f"error: {flag}: ") and "Traceback" not in done.stderr, done.stderr
         assert done.stdout == ""
+
+
+def test_torch_dtype_names_reach_the_loaded_weights(tiny_model_dir):
+    import torch
+
+    from alignkit.models import load_causal_lm
+
+    assert next(load_causal_lm(str(tiny_model_dir), dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    assert next(load_causal_lm(str(tiny_model_dir), dtype="float32").parameters()).dtype == torch.float32

@@ -190,7 +190,9 @@ def load_config(cls: type, config_file: str | None = None, overrides: dict[str, 
             where = f"{config_file}:{lines.get(str(key), '?')}: key '{key}'"
             if key in switches:
                 f, value = switches[key]
-                if raw is True:
+                if not isinstance(raw, bool):
+                    raise ConfigError(f"{where}: must be true or false (true means {f.name}: {value}), got {raw!r}")
+                if raw:
                     values[f.name] = value
                 continue
             f = names.get(key)
