@@ -284,3 +284,33 @@ def test_torch_dtype_names_reach_the_loaded_weights(tiny_model_dir):
 
     assert next(load_causal_lm(str(tiny_model_dir), dtype="bfloat16").parameters()).dtype == torch.bfloat16
     assert next(load_causal_lm(str(tiny_model_dir), dtype="float32").parameters()).dtype == torch.float32
+
+
+def test_a_flag_of_the_wrong_type_is_a_usage_error():
+    result = invoke("sft", "--dataset", "d.jsonl", "--max_steps", "two")
+    assert result.exit_code == 2 and "--max_steps" in result.output and "valid integer" in result.output
+
+
+def test_range_checks_agree_with_the_interval_definition():
+    """check_value against the textbook interval membership, for every combination of open/closed ends."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from alignkit.config import knob
+
+    @given(st.floats(-10, 10), st.floats(-10, 10), st.floats(-12, 12), st.booleans(), st.booleans())
+    def check(low, high, value, open_low, open_high):
+        @dataclasses.dataclass
+        class C:
+            x: float = knob(0.0, "x", min=low, max=high, min_exclusive=open_low, max_exclusive=open_high)
+
+        inside = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+        try:
+            check_value(dataclasses.fields(C)[0], value)
+            accepted = True
+        except ConfigError as error:
+            accepted = False
+            assert "out of range; must be in " in str(error)
+        assert accepted == inside
+
+    check()
