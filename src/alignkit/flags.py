@@ -95,12 +95,10 @@ def _param(name: str, annotation, option) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option)
 
 
-def command_from(cls: type, run: Callable, help: str | None = None, yaml_config: bool = True) -> Callable:
+def command_from(cls: type, run: Callable, help: str | None = None) -> Callable:
     """A typer command function with one option per field of `cls`; it calls `run(load_config(cls, ...))`."""
     hints = typing.get_type_hints(cls)
-    params = [_param("verbose", bool, typer.Option(False, "--verbose", help="show transformers / HF hub info logs and progress bars"))]
-    if yaml_config:
-        params.append(_param("config", Optional[str], typer.Option(None, "--config", help="YAML file whose keys are these flag names; flags override it")))
+    params = []
     for f in dataclasses.fields(cls):
         kind, _ = _kind(hints[f.name])
         aliases = list(f.metadata.get("aliases", ()))
@@ -118,10 +116,13 @@ def command_from(cls: type, run: Callable, help: str | None = None, yaml_config:
     for switch, (f, value) in switches.items():
         option = typer.Option(False, f"--{switch}", help=f"same as --{f.name} {value}", show_default=False)
         params.append(_param(f"switch__{switch}", bool, option))
+    config_help = "YAML file whose keys are these flag names (without dashes); flags override it"
+    params.append(_param("config", Optional[str], typer.Option(None, "--config", help=config_help)))
+    params.append(_param("verbose", bool, typer.Option(False, "--verbose", help="show transformers / HF hub info logs and progress bars")))
 
     def command(**kwargs):
         configure_logging(kwargs.pop("verbose"))
-        config_file = kwargs.pop("config", None)
+        config_file = kwargs.pop("config")
         try:
             for switch, (f, value) in switches.items():
                 if kwargs.pop(f"switch__{switch}"):
