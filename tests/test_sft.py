@@ -143,7 +143,11 @@ def test_saved_model_reloads_with_plain_transformers(tmp_path, tiny_model_dir, d
 
 
 def test_sft_learns_a_task_and_generalizes_to_held_out_items(tmp_path):
-    """A random tiny model learns 'which number is larger' from 2,000 examples; test items are unseen pairs."""
+    """A random tiny model learns 'which number is larger' from 2,000 examples; test items are unseen pairs.
+
+    Held-out exact match measured: 0.90 (seed 42, one thread, the shared 2-core EPYC) and 0.97 (seed 42,
+    earlier); the 10-seed spread is not measured yet (27 min a run on the shared machine). The bound 0.7
+    (0.85 before) stays far above the untrained model's < 0.1."""
     from alignkit.evaluate.tasks import exact_match_eval
     from alignkit.models import load_causal_lm, load_tokenizer, make_tiny_model
     from alignkit.train.sft import formatting
@@ -160,7 +164,7 @@ def test_sft_learns_a_task_and_generalizes_to_held_out_items(tmp_path):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     before = exact_match_eval(load_causal_lm(str(tiny_model_dir)), tokenizer, test_rows, formatting(cfg), max_new_tokens=6)
     after = exact_match_eval(load_causal_lm(str(tmp_path / "out")), tokenizer, test_rows, formatting(cfg), max_new_tokens=6)
-    assert before["exact_match"] < 0.1 and after["exact_match"] >= 0.85  # measured 0.97
+    assert before["exact_match"] < 0.1 and after["exact_match"] >= 0.7
 
 
 def test_bf16_mixed_precision_logs_the_fp32_loss_within_bf16_error(tmp_path, tiny_model_dir, data_file):
