@@ -280,9 +280,9 @@ def test_dpo_teaches_the_preferred_answer_after_sft(tmp_path, tiny_model_dir, to
     Plain DPO on these near-identical pairs lowers π(chosen) too (it pushes both down, the rejected faster), so
     this run adds RPO's NLL term (--sft_weight 1); docs/dpo.md has the plain-DPO numbers.
 
-    Measured (one thread; only 3 seeds, 42, 1, 2: a run takes ~20 min on the shared 2-core machine):
-    held-out accuracy 0.915–0.955 (a plateau from step 30; π = π_ref gives 0, chance 0.5); π(chosen)
-    after/before 1.079–1.089; π(rejected) after/before 0.58–0.74. The bounds 0.8, 1.03 and 0.9 leave
+    Measured (one thread; only 4 seeds, 42, 1–3: a run takes ~20 min on the shared 2-core machine):
+    held-out accuracy 0.915–0.98 (a plateau from step 30; π = π_ref gives 0, chance 0.5); π(chosen)
+    after/before 1.067–1.089; π(rejected) after/before 0.58–0.74. The bounds 0.8, 1.03 and 0.9 leave
     room for other CPUs and seeds (0.9 and 0.8 before: seed 1 came within 0.015 and 0.06).
     """
     from alignkit.config import SFTConfig

@@ -45,10 +45,10 @@ def test_hub_id_loads_through_the_hub_cache_offline(tmp_path, tiny_model_dir):
         "print(type(m).__name__, t.eos_token)"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "LlamaForCausalLM <|im_end|>" in done.stdout
-    missing = subprocess.run([sys.executable, "-c", code.replace("alignkit-test/tiny", "alignkit-test/absent", 1)], env=env, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run([sys.executable, "-c", code.replace("alignkit-test/tiny", "alignkit-test/absent", 1)], env=env, capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0
     assert "model 'alignkit-test/absent': not a local model directory" in missing.stderr
 
@@ -82,7 +82,7 @@ def test_generate_command_samples_from_a_model_dir(tiny_model_dir):
     done = subprocess.run(
         [sys.executable, "-m", "alignkit.cli", "generate", "--model_name_or_path", str(tiny_model_dir), "--prompt", "Hello",
          "--chat", "--temperature", "1", "--top_p", "1", "--seed", "3", "--max_new_tokens", "6"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
@@ -133,7 +133,7 @@ def test_hub_id_fails_at_once_when_the_hub_cannot_be_reached(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     seconds, message = done.stdout.split(" ", 1)
     assert "model 'alignkit-test/absent': not a local model directory" in message and "http://127.0.0.1:9 did not answer" in message

@@ -502,8 +502,8 @@ def test_process_shares():
 
 def test_two_processes_make_the_update_of_one(setup, tmp_path):
     """torchrun with 2 processes (gloo): each samples and trains on half the prompts, yet statistics, loss
-    normalizers and summed gradients span the whole batch. Greedy decoding makes both runs draw the same
-    responses, so the metrics and the final weights equal those of one process holding the whole batch."""
+    normalizers and summed gradients span the whole batch. Greedy decoding (--top_p 1e-6 keeps only the top
+    token; --temperature must be > 0) makes both runs draw the same responses, so the metrics and the final weights equal those of one process holding the whole batch."""
     import os
     import shutil
     import subprocess
@@ -519,7 +519,7 @@ def test_two_processes_make_the_update_of_one(setup, tmp_path):
     # split; prefix-shared rows are compared with padded ones in a one-process test. The reward varies from
     # row to row: with equal scores the advantages would be whitened float rounding (the KL before the
     # first update), which differs with the batch shape on some CPUs and made this comparison flaky.
-    settings = dict(max_steps=2, rollout_batch_size=8, mini_batch_size=3, num_ppo_epochs=2, max_new_tokens=6, temperature=0.0,
+    settings = dict(max_steps=2, rollout_batch_size=8, mini_batch_size=3, num_ppo_epochs=2, max_new_tokens=6, top_p=1e-6,
                     normalize_scores=True, ptx_coef=0.5, ptx_dataset=str(tmp_path / "ptx.jsonl"), max_grad_norm=0.0, shared_prefix_tokens=0,
                     reward_fn=f"{setup / 'reward.py'}:varied")
     args = [f"--{key}={value}" for key, value in settings.items() if not isinstance(value, bool)] + ["--normalize_scores", "--no_progress"]
