@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import PPOConfig, save_config
+from alignkit.config import PPOConfig
 from alignkit.data.formats import InvalidRows
 from alignkit.data.prompts import PromptExample, load_prompts
 from alignkit.data.tokenize import Formatting
@@ -41,9 +41,10 @@ from alignkit.losses import (
 )
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, unwrap_base
 from alignkit.rollout import Episodes, TextGenerationEnv, critic_values, policy_forward, rollout
+from alignkit.train.checkpoint import drop_later_checkpoints, kill_point, prepare_output_dir
 from alignkit.train.loop import (
     MetricsLog, find_checkpoint, load_checkpoint, make_accelerator, make_optimizer, make_scheduler, micro_batches,
-    progress_bar, save_checkpoint,
+    progress_bar, save_checkpoint, save_final_model, write_config,
 )
 
 ESTIMATORS = ("gae", "rloo", "grpo")
@@ -416,6 +417,17 @@ def _build_models(cfg: PPOConfig, device) -> tuple[ActorCritic, torch.nn.Module 
     return policy, ref.to(device) if ref is not None else None
 
 
+def _save_policy(policy: ActorCritic, tokenizer, folder: Path) -> None:
+    """The policy in HF format, plus value_head.safetensors or critic/."""
+    save_model(policy.lm, tokenizer, folder)
+    if policy.value_head is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
+    if policy.critic is not None:
+        policy.critic.model.save_pretrained(folder / "critic", safe_serialization=True)
+
+
 def run_ppo(cfg: PPOConfig) -> dict:
     """Train cfg.model_name_or_path with PPO/RLOO/GRPO on the prompts of cfg.dataset; returns the last metrics row."""
     from accelerate.utils import set_seed
@@ -423,6 +435,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     from alignkit.rewards import build_reward
 
     _check(cfg)
+    prepare_output_dir(cfg)  # before anything loads: refuse to mix runs
     accelerator = make_accelerator(cfg)
     k = cfg.num_samples_per_prompt
     procs = Processes(accelerator.num_processes, accelerator.process_index, k)
@@ -433,7 +446,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+        write_config(cfg, output_dir)
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, cfg, verbose=main)
@@ -449,7 +462,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     state = {"step": 0, "kl_coef": cfg.kl_coef, "updates": 0}
     checkpoint = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator, policy, optimizer, scheduler)
+        state, _ = load_checkpoint(checkpoint, accelerator, policy, optimizer, scheduler)
+        if main:
+            drop_later_checkpoints(output_dir, state["step"])
         accelerator.print(f"resumed from {checkpoint} at iteration {state['step']}")
     log = MetricsLog(output_dir / "metrics.jsonl", main, state["step"])
     stream = micro_batches(len(prompts), cfg.rollout_batch_size, cfg.seed, state["step"])
@@ -479,18 +494,14 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 }
                 log.write(last_row)
                 progress.update(bar, status=f"score {last_row['score']:.3f}  kl {last_row['kl']:.3f}")
+            kill_point("ALIGNKIT_KILL_AT_STEP", step)
             if cfg.save_steps and step % cfg.save_steps == 0:
-                save_checkpoint(output_dir / "checkpoints" / f"step-{step}", accelerator, policy, optimizer, scheduler, dict(state), cfg.save_total_limit)
+                save_checkpoint(output_dir / "checkpoints" / f"step-{step}", accelerator, policy, optimizer, scheduler, dict(state),
+                                cfg.save_total_limit, cfg)
             progress.update(bar, completed=step)
 
     accelerator.wait_for_everyone()
     if main:
-        save_model(policy.lm, tokenizer, output_dir)
-        if policy.value_head is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}, str(output_dir / "value_head.safetensors"))
-        if policy.critic is not None:
-            policy.critic.model.save_pretrained(output_dir / "critic", safe_serialization=True)
+        save_final_model(lambda folder: _save_policy(policy, tokenizer, folder), output_dir)
     accelerator.wait_for_everyone()
     return last_row
