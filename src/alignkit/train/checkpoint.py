@@ -236,7 +236,7 @@ def save_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, s
     if accelerator.is_main_process:
         atomic.replace_dir(tmp, directory)
         if keep > 0:
-            for old in checkpoints(directory.parent)[:-keep]:
+            for old in checkpoints(directory.parent.parent)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
