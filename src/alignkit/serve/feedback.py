@@ -24,6 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignkit import atomic
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS judgments (
     id TEXT PRIMARY KEY,
@@ -157,8 +159,5 @@ def export_preferences(db_path: str | Path, output: str | Path, annotator: str |
         counts["pairs" if row and "chosen" in row else "rankings" if row else "skipped_all_tie"] += 1
         if row:
             rows.append(row)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic.write_jsonl(output, rows)  # a failed export leaves the previous file intact
     return counts

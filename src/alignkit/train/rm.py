@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit import atomic
 from alignkit.config import RMConfig
 from alignkit.data.formats import InvalidRows
 from alignkit.data.preferences import TokenizedPreference, load_preferences, tokenize_preferences
@@ -184,7 +185,7 @@ def run_rm(cfg: RMConfig) -> dict:
         return row
     metrics = Path(cfg.output_dir, "metrics.jsonl")
     rows = [add_reward_std(json.loads(line)) for line in metrics.read_text().splitlines() if line.strip()]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic.write_jsonl(metrics, rows)
     if cfg.normalize_dataset:
         row.update(normalize(cfg, tokenizer))
     return row
