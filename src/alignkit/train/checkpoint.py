@@ -136,14 +136,14 @@ def prepare_output_dir(cfg) -> Path | None:
         inside = checkpoint is not None and output_dir.resolve() in checkpoint.resolve().parents
         if cfg.overwrite_output_dir and (cfg.resume_from_checkpoint == "latest" or inside):
             raise ValueError("--overwrite_output_dir would remove the checkpoint --resume_from_checkpoint asks for; pass only one of them")
-        if cfg.overwrite_output_dir:
-            remove_run_outputs(output_dir, found)
-        elif found:
-            check_config_file(output_dir, cfg)
         if checkpoint is None:
             logger.warning("no checkpoint in %s: starting fresh", output_dir / "checkpoints")
         else:
             check_fingerprint(checkpoint, cfg)
+        if cfg.overwrite_output_dir:
+            remove_run_outputs(output_dir, found)
+        elif found:
+            check_config_file(output_dir, cfg)
         return checkpoint
     if found and cfg.overwrite_output_dir:
         logger.warning("--overwrite_output_dir: removing %s from %s", ", ".join(found), output_dir)
@@ -241,12 +241,21 @@ def save_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, s
     accelerator.wait_for_everyone()
 
 
+def _safe_load(path: Path):
+    """A checkpoint file, loaded without running code (weights_only); a file that is not one is refused."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    except Exception as error:  # pickle, safetensors and zip errors have no common base class
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--resume_from_checkpoint: {path} cannot be loaded safely (tensors only, weights_only=True): {first}") from None
+
+
 def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -> tuple[dict, dict]:
     """Restore a checkpoint into model, optimizer and scheduler and this process's RNG; returns (the
     trainer's state, this process's saved `process_state`)."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(directory / "trainable.safetensors"))
+    weights = _safe_load(directory / "trainable.safetensors")
     params = dict(accelerator.unwrap_model(model).named_parameters())
     missing = sorted(set(name for name, p in params.items() if p.requires_grad) - set(weights))
     if missing:
@@ -254,13 +263,13 @@ def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    saved = torch.load(directory / "optimizer.pt", weights_only=True)
+    saved = _safe_load(directory / "optimizer.pt")
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     process_state: dict = {}
     rng_file = directory / f"rng_{accelerator.process_index}.pt"
     if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=True)
+        rng = _safe_load(rng_file)
         set_rng_state(rng)
         process_state = rng.get("process", {})
     state = json.loads((directory / "trainer_state.json").read_text())
