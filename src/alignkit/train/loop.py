@@ -220,7 +220,7 @@ def _grad_norm(model, cfg: TrainConfig, accelerator) -> tuple[float | None, floa
     return None, float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def _resume(stage: Stage, cfg: TrainConfig, accelerator, model, optimizer, scheduler, output_dir: Path) -> tuple[dict, dict]:
+def _resume(cfg: TrainConfig, accelerator, model, optimizer, scheduler, output_dir: Path) -> tuple[dict, dict]:
     """(trainer state, this process's unlogged metric sums) from --resume_from_checkpoint, or fresh ones."""
     state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
     checkpoint = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
@@ -254,7 +254,7 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
     scheduler = make_scheduler(optimizer, cfg, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    state, process_state = _resume(stage, cfg, accelerator, model, optimizer, scheduler, output_dir)
+    state, process_state = _resume(cfg, accelerator, model, optimizer, scheduler, output_dir)
     log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, state["step"])
 
     per_step = cfg.gradient_accumulation_steps * world
