@@ -30,6 +30,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temporary_name(path)
     try:
         yield tmp
+        with open(tmp, "rb") as handle:  # on disk before the rename: a power cut leaves the old or the new file
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
