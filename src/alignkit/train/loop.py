@@ -157,7 +157,7 @@ class MetricsLog:
 
 def _json_rows(path: Path) -> list[dict]:
     rows = []
-    for line in path.read_text().splitlines():
+    for line in filter(str.strip, path.read_text().splitlines()):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
