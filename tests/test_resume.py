@@ -8,7 +8,7 @@ halfway through writing checkpoint N); then resumed here with --resume_from_chec
 step is drawn from a generator seeded with the case's name (random, but the same on every machine).
 
 Equality is exact: the killed and resumed runs do the same float operations in the same order on the
-same machine as the uninterrupted one (same thread count: the child is a fork), and everything carried
+same machine as the uninterrupted one (one thread, see `one_thread`; the child is a fork), and everything carried
 across the kill (weights, Adam moments, RNG states, unlogged metric sums) is stored bit for bit.
 """
 
@@ -31,6 +31,17 @@ from alignkit.data.formats import write_jsonl
 TIMING = ("tokens_per_second", "training_tokens_per_second", "generation_tokens_per_second")
 
 REWARD = "def words(prompts, responses, **columns):\n    return [float(len(r.split())) for r in responses]\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The killed run is a fork of this process. OpenMP's thread pool does not survive a fork (the child hangs
+    in its first parallel region unless it runs one thread), and another thread count would change float
+    rounding: so all three runs of a case use one thread, whatever the suite runs with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
