@@ -278,12 +278,12 @@ def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -
 
 def drop_later_checkpoints(output_dir: Path, step: int) -> None:
     """On resume: checkpoints past the resumed step belong to the abandoned continuation, as do the
-    temporary folders of killed saves."""
+    temporary files and folders of killed writes."""
     for path in checkpoints(output_dir):
         if int(path.name.split("-")[1]) > step:
             shutil.rmtree(path, ignore_errors=True)
-    for path in Path(output_dir, "checkpoints").glob(".tmp-step-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    for path in [*Path(output_dir, "checkpoints").glob(".tmp-step-*"), *Path(output_dir).glob(".tmp-model-*"), *Path(output_dir).glob("*.tmp-*")]:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
