@@ -119,8 +119,9 @@ def check_exact_resume(kind: str, settings: dict, tmp_path: Path, kills: list[tu
     assert expected.keys() == got.keys() and len(expected) > 0
     changed = [name for name in expected if not torch.equal(expected[name], got[name])]
     assert not changed, f"{kind}: {len(changed)} tensors differ after resume, e.g. {changed[:3]}"
-    # --save_total_limit (default 2) kept the two newest checkpoints; no temporary folder is left
+    # --save_total_limit (default 2) kept the two newest checkpoints; no temporary file or folder of a killed write is left
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == [f"step-{settings['max_steps'] - 1}", f"step-{settings['max_steps']}"]
+    assert not [p for p in cut.rglob("*") if ".tmp-" in p.name]
 
 
 def kill_step(name: str, max_steps: int) -> int:
