@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -289,16 +290,19 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
             grad_norm, checked_norm = _grad_norm(model, cfg, accelerator)
             step_loss = float(accelerator.reduce(sums["loss"], reduction="sum")) if world > 1 else float(sums["loss"])
             learning_rate = scheduler.get_last_lr()[0]
-            if nonfinite_step(step_loss, checked_norm, step, cfg):
-                # skipped: weights and optimizer moments stay; the batch is consumed and the schedule advances,
-                # so the data position and learning rate stay functions of the step number
+            skipped = nonfinite_step(step_loss, checked_norm, step, cfg)
+            if skipped:
+                # weights and optimizer moments stay; the batch is consumed and the schedule advances, so the
+                # data position and learning rate stay functions of the step number
                 state["nonfinite_skipped"] += 1
             else:
                 optimizer.step()
                 for key, value in sums.items():
                     window[key] = window.get(key, 0) + value
                 window_steps += 1
-            scheduler.step()
+            with warnings.catch_warnings():  # torch warns when the schedule advances over a skipped first step
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before", category=UserWarning)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step
             state["tokens"] += step_tokens
