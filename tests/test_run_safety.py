@@ -69,12 +69,15 @@ def test_guard_refuses_another_runs_outputs_before_loading_and_overwrite_removes
 def test_output_dir_that_is_a_file_is_refused(tiny_model_dir, data_file, tmp_path):
     path = tmp_path / "afile"
     path.write_text("mine")
-    result = CliRunner().invoke(app, sft_args(tiny_model_dir, data_file, path))
-    assert result.exit_code == 2 and "is a file" in result.output and "Traceback" not in result.output
+    for command in (sft_args(tiny_model_dir, data_file, path),
+                    ["ppo", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data_file), "--reward_fn", "builtin:exact_match",
+                     "--output_dir", str(path), "--no_progress"]):
+        result = CliRunner().invoke(app, command)
+        output = " ".join(result.output.split())
+        assert result.exit_code == 2 and str(path) in output and "file" in output and "Traceback" not in output, output
+    with pytest.raises(ValueError, match="is a file, not a directory"):  # the guard itself, for callers that skip the CLI
+        prepare_output_dir(SFTConfig(output_dir=str(path), overwrite_output_dir=True))
     assert path.read_text() == "mine"
-    result = CliRunner().invoke(app, ["ppo", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data_file),
-                                      "--reward_fn", "builtin:exact_match", "--output_dir", str(path), "--no_progress"])
-    assert result.exit_code == 2 and "is a file" in result.output
 
 
 def test_unrelated_files_do_not_block_and_are_kept(tmp_path):
