@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -300,7 +301,7 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
                     window[key] = window.get(key, 0) + value
                 window_steps += 1
             with warnings.catch_warnings():  # torch warns when the schedule advances over a skipped first step
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before", category=UserWarning)
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"), category=UserWarning)
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step
