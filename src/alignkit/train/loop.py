@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from alignkit.config import TrainConfig, save_config
+from alignkit.precision import autocast, resolve_mixed_precision
 
 
 @dataclass
@@ -73,12 +74,20 @@ def make_accelerator(cfg: TrainConfig):
     # process (or one stage in bf16 after another in fp32) needs a fresh one each time. The process
     # group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    # without cpu=True and no GPU, each torchrun process would silently train alone
+    # resolved once here ("auto" -> bf16 | no): every later reader (autocast, config.yaml) sees what runs
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    # without cpu=True and no GPU, each torchrun process would silently train alone. accelerate's own
+    # mixed precision gives fp16 its loss scaler; the autocast of every forward is `forward_context`.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise RuntimeError(f"launched with WORLD_SIZE={expected} but accelerate sees {accelerator.num_processes} process(es)")
     return accelerator
+
+
+def forward_context(cfg: TrainConfig, device):
+    """The context every forward of a stage runs in: autocast under --mixed_precision (see alignkit.precision)."""
+    return autocast(cfg.mixed_precision, device)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -212,7 +221,8 @@ def evaluate(stage: Stage, accelerator, model, cfg: TrainConfig) -> dict[str, fl
     mine = examples[accelerator.process_index :: accelerator.num_processes]
     for start in range(0, len(mine), cfg.per_device_eval_batch_size):
         chunk = mine[start : start + cfg.per_device_eval_batch_size]
-        loss_sum, metrics = stage.loss(model, _to_device(stage.collate(chunk), accelerator.device))
+        with forward_context(cfg, accelerator.device):
+            loss_sum, metrics = stage.loss(model, _to_device(stage.collate(chunk), accelerator.device))
         totals["loss"] += loss_sum.detach().float()
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0) + value.detach().float()
@@ -270,7 +280,8 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
                 batch = _to_device(stage.collate(examples), accelerator.device)
                 sync = index == len(mine) - 1
                 with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                    loss_sum, metrics = stage.loss(model, batch)
+                    with forward_context(cfg, accelerator.device):
+                        loss_sum, metrics = stage.loss(model, batch)
                     # DDP averages gradients over processes; scale so the result is the step's sum / denominator
                     accelerator.backward(loss_sum * (world / denominator))
                 window["loss"] += loss_sum.detach().float() / denominator

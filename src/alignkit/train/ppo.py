@@ -40,10 +40,11 @@ from alignkit.losses import (
     KL_ESTIMATORS, gae, grpo_advantages, kl_penalty, ppo_policy_loss_sum, ppo_value_loss_sum, rloo_advantages, whiten,
 )
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, unwrap_base
+from alignkit.precision import resolve_mixed_precision
 from alignkit.rollout import Episodes, TextGenerationEnv, critic_values, policy_forward, rollout
 from alignkit.train.loop import (
-    MetricsLog, find_checkpoint, load_checkpoint, make_accelerator, make_optimizer, make_scheduler, micro_batches,
-    progress_bar, save_checkpoint,
+    MetricsLog, find_checkpoint, forward_context, load_checkpoint, make_accelerator, make_optimizer, make_scheduler,
+    micro_batches, progress_bar, save_checkpoint,
 )
 
 ESTIMATORS = ("gae", "rloo", "grpo")
@@ -71,20 +72,13 @@ class AdaptiveKLController:
         return beta * (1.0 + error * n / horizon)
 
 
-def _autocast(cfg: PPOConfig, device: torch.device):
-    """--mixed_precision bf16: forward passes in bfloat16 autocast; weights, optimizer, log-probs, losses
-    and advantages stay float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-
-
 def _one_minibatch(cfg: PPOConfig) -> bool:
     """Each iteration's responses form a single minibatch (the whole batch per optimizer step)."""
     return cfg.rollout_batch_size * cfg.num_samples_per_prompt <= cfg.mini_batch_size
 
 
 def _check(cfg: PPOConfig) -> None:
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"--mixed_precision {cfg.mixed_precision}: PPO supports no | bf16 (fp16 would need loss scaling)")
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)  # fp16 off CUDA is refused here, before any model loads
     if not cfg.dataset:
         raise ValueError("--dataset is required (prompts: {'prompt'} or {'messages'} rows, or builtin:TASK)")
     if cfg.advantage_estimator not in ESTIMATORS:
@@ -313,11 +307,13 @@ def _experience(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", ref, re
 
 
 def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer, scheduler, exp: Experience, step: int,
-              ptx: list, ptx_stream, pad_id: int, device) -> dict:
-    """Step 5: epochs × minibatches of the global batch; each process computes its rows' share of the loss."""
+              ptx: list, ptx_stream, pad_id: int, device, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Step 5: epochs × minibatches of the global batch; each process computes its rows' share of the loss.
+    `scaler`: fp16's loss scaler (a disabled one, i.e. plain backward and step, when None)."""
     from alignkit.train.sft import collate as sft_collate, sft_loss
 
     params = [p for p in policy.parameters() if p.requires_grad]
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     n_all, start = len(exp.lengths), time.perf_counter()
     totals, updates, trained_tokens, stopped, first_ratio_error = {}, 0, 0.0, False, float("nan")
     for epoch in range(cfg.num_ppo_epochs):
@@ -332,7 +328,7 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
                 index = torch.tensor(mine, device=device)
                 m = exp.mask[index]
                 minibatch = exp.episodes.select(mine)
-                with _autocast(cfg, device):
+                with forward_context(cfg, device):
                     out = policy_forward(policy.lm, minibatch, cfg.temperature, policy.value_head, row_tokens=cfg.shared_prefix_tokens)
                 old = exp.old_logp[index]
                 ratio_error = ((out.logprobs.detach() - old).exp() - 1).abs().mul(m).max()
@@ -341,7 +337,7 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
                 loss = policy_sum / tokens
                 sums[0], sums[1] = policy_sum.detach(), clipped
                 if exp.returns is not None:
-                    with _autocast(cfg, device):
+                    with forward_context(cfg, device):
                         if exp.first_values is not None:  # epoch 0's only minibatch: V at θ_old is V_old, graph and all
                             values, exp.first_values = exp.first_values[index], None
                         else:
@@ -364,16 +360,18 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
                 ptx_sum = torch.zeros((), device=device)
                 if ptx_rows[procs.rank :: procs.world]:
                     ptx_batch = {key: v.to(device) for key, v in sft_collate([ptx[i] for i in ptx_rows[procs.rank :: procs.world]], pad_id).items()}
-                    with _autocast(cfg, device):
+                    with forward_context(cfg, device):
                         ptx_sum, _ = sft_loss(policy.lm, ptx_batch)
                     loss = cfg.ptx_coef * ptx_sum / normalizer + (loss if loss is not None else 0)
                 metrics["ptx_loss"] = procs.sum(ptx_sum.detach()) / normalizer
             if loss is not None:
-                loss.backward()
+                scaler.scale(loss).backward()
             procs.sum_gradients(params)
+            scaler.unscale_(optimizer)  # every process holds the same summed gradients: they agree on skipping a step
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             for key, value in metrics.items():
@@ -444,6 +442,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     updates_per_iteration = cfg.num_ppo_epochs * math.ceil(cfg.rollout_batch_size * k / cfg.mini_batch_size)
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * updates_per_iteration)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")  # fp16 (CUDA only): loss scaling
     policy.eval()  # no dropout: rollout and training log-probs must agree
 
     state = {"step": 0, "kl_coef": cfg.kl_coef, "updates": 0}
@@ -461,9 +460,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
         while state["step"] < cfg.max_steps:
             step, beta = state["step"] + 1, state["kl_coef"]
             mine = [prompts[i] for i in next(stream)][procs.rank :: procs.world]
-            with _autocast(cfg, device):  # sampling, scoring, reference and critic passes
+            with forward_context(cfg, device):  # sampling, scoring, reference and critic passes
                 exp = _experience(cfg, procs, policy, ref, reward, tokenizer, [p for p in mine for _ in range(k)], step, beta, device)
-            update = _optimize(cfg, procs, policy, optimizer, scheduler, exp, step, ptx, ptx_stream, tokenizer.pad_token_id, device)
+            update = _optimize(cfg, procs, policy, optimizer, scheduler, exp, step, ptx, ptx_stream, tokenizer.pad_token_id, device, scaler)
             state["updates"] += update["ppo_updates"]
             if cfg.kl_target > 0:
                 state["kl_coef"] = AdaptiveKLController.update(beta, exp.stats["kl"], cfg.kl_target, len(exp.lengths), cfg.kl_horizon)
