@@ -33,8 +33,8 @@ from alignkit.data.tokenize import Formatting, pad_right
 from alignkit.losses import DPO_LOSS_TYPES, chosen_nll, dpo_losses
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, trunk_and_head
 from alignkit.packing import for_attention, supports_custom_masks, tree_mask
-from alignkit.precision import autocast, default_device, resolve_mixed_precision
-from alignkit.train.loop import Stage, load_datasets, train, write_data_report
+from alignkit.precision import autocast, default_device
+from alignkit.train.loop import Stage, check_engine_flags, load_datasets, train, write_data_report
 
 # (model being trained, batch) -> reference log-probs [2B] (chosen rows, then rejected rows)
 Reference = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -64,7 +64,7 @@ def validate(cfg: DPOConfig) -> None:
         raise ValueError(f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.sft_weight < 0:
         raise ValueError(f"--sft_weight must be >= 0, got {cfg.sft_weight}")
-    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    check_engine_flags(cfg)  # --mixed_precision, --report_to: bad values fail before any model loads
 
 
 def build_pairs(source: str, split: str, tokenizer, cfg: DPOConfig, name: str, report: dict) -> list[DPOPair]:
@@ -209,7 +209,7 @@ def precompute_reference(reference: Reference, policy, pairs: list[DPOPair], pad
 def dpo_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | None) -> tuple[torch.Tensor, dict]:
     """Σ over the batch's pairs of the cfg.loss_type loss (+ sft_weight · NLL of chosen), and metric sums.
 
-    Implicit rewards are β·(log π − log π_ref) of each response (simpo: β · mean log π per token)."""
+    Implicit rewards (metrics) come from `losses.dpo_losses`: β·(log π − log π_ref) of each response (simpo: β · mean log π per token)."""
     n = batch["lengths"].shape[0] // 2
     beta = cfg.beta
     ref = None
@@ -218,17 +218,14 @@ def dpo_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | None) ->
     logps, lengths = sequence_logps(model, batch)
     if cfg.loss_type == "simpo":
         average = logps / lengths
-        losses = dpo_losses(average[:n], average[n:], None, None, beta, "simpo", cfg.label_smoothing, cfg.simpo_gamma)
-        rewards = beta * average.detach()
+        losses, chosen, rejected = dpo_losses(average[:n], average[n:], None, None, beta, "simpo", cfg.label_smoothing, cfg.simpo_gamma)
     else:
-        losses = dpo_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, cfg.loss_type, cfg.label_smoothing)
-        rewards = beta * (logps - ref).detach()
+        losses, chosen, rejected = dpo_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, cfg.loss_type, cfg.label_smoothing)
     metrics = {}
     if cfg.sft_weight:
         nll = chosen_nll(logps[:n], lengths[:n])
         losses = losses + cfg.sft_weight * nll
         metrics["nll"] = nll.detach().sum()
-    chosen, rejected = rewards[:n], rewards[n:]
     metrics.update({
         "rewards/chosen": chosen.sum(), "rewards/rejected": rejected.sum(), "rewards/margins": (chosen - rejected).sum(),
         "rewards/accuracies": (chosen > rejected).float().sum(),

@@ -90,6 +90,36 @@ def forward_context(cfg: TrainConfig, device):
     return autocast(cfg.mixed_precision, device)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module, in_eval_mode: bool = False) -> int:
+    """--gradient_checkpointing: every transformers model inside `model` (a peft wrapper, a reward model, PPO's
+    policy and critic) recomputes its layers' activations in the backward pass instead of keeping them.
+    Non-reentrant checkpointing (the one torch recommends); with frozen embeddings (LoRA) the inputs are made to
+    require grad, as transformers advises. transformers checkpoints only layers in training mode: `in_eval_mode`
+    (PPO keeps dropout off) flags the decoder layers alone as training, so their dropout modules stay off.
+    Returns how many models it was enabled on."""
+    from transformers import PreTrainedModel
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    inside_enabled: set[int] = set()
+    enabled = 0
+    for module in model.modules():  # pre-order: the outermost transformers model of each subtree comes first
+        if id(module) in inside_enabled or not isinstance(module, PreTrainedModel) or not module.supports_gradient_checkpointing:
+            continue
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers ≥ 5.x's name
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if any(not p.requires_grad for p in module.get_input_embeddings().parameters()):
+            module.enable_input_require_grads()
+        inside_enabled.update(id(m) for m in module.modules())
+        enabled += 1
+        if in_eval_mode:
+            for layer in module.modules():
+                if isinstance(layer, GradientCheckpointingLayer):
+                    layer.training = True  # the flag of this module only: its dropout children stay in eval mode
+    return enabled
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -122,21 +152,77 @@ def micro_batches(num_examples: int, batch_size: int, seed: int, start: int = 0)
             number += 1
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step; on resume, rows past the checkpoint are dropped."""
+REPORT_TO = ("none", "tensorboard", "wandb")
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
+
+def check_engine_flags(cfg: TrainConfig) -> None:
+    """The engine's flags, checked before any model loads: --mixed_precision is resolved ("auto" -> bf16 | no,
+    fp16 off CUDA refused) and --report_to must name a destination that is available."""
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    if cfg.report_to not in REPORT_TO:
+        raise ValueError(f"--report_to must be one of {' | '.join(REPORT_TO)}, got {cfg.report_to!r}")
+    if cfg.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--report_to wandb needs the wandb package (pip install wandb); --report_to tensorboard works offline") from None
+
+
+def _scalars(row: dict) -> dict[str, float]:
+    """The numeric fields of a metrics row as (tag, value): eval_x -> eval/x, anything else -> train/x."""
+    scalars = {}
+    for key, value in row.items():
+        if key == "step" or isinstance(value, str) or value is None:
+            continue
+        tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+        scalars[tag] = float(value)
+    return scalars
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step; on resume, rows past the checkpoint are dropped.
+    With --report_to tensorboard each row's numbers also go to OUTPUT/runs/ as scalars (events past the
+    checkpoint are purged on resume); with wandb, to the wandb run."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0, report_to: str = "none", run_dir: Path | None = None,
+                 config: TrainConfig | None = None):
         self.path, self.enabled = path, enabled
         if enabled and path.exists() and resume_step:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
         elif enabled and path.exists():
             path.unlink()
+        self.tensorboard = self.wandb = None
+        if enabled and report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir = run_dir or path.parent / "runs"
+            self.tensorboard = SummaryWriter(str(run_dir), purge_step=resume_step + 1 if resume_step else None)
+        elif enabled and report_to == "wandb":
+            import dataclasses
+
+            import wandb
+
+            self.wandb = wandb.init(project="alignkit", name=path.parent.name, dir=str(path.parent), resume="allow",
+                                    config=dataclasses.asdict(config) if config is not None else None)
 
     def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        step = int(row.get("step", 0))
+        if self.tensorboard is not None:
+            for tag, value in _scalars(row).items():
+                self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(_scalars(row), step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -250,6 +336,8 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
 
     model = stage.model
     model.train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = make_optimizer(model, cfg)
     steps = total_steps(cfg, len(stage.train_examples), world)
     scheduler = make_scheduler(optimizer, cfg, steps)
@@ -260,7 +348,7 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
-    log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, state["step"])
+    log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, state["step"], cfg.report_to, config=cfg)
 
     per_step = cfg.gradient_accumulation_steps * world
     stream = micro_batches(len(stage.train_examples), cfg.per_device_train_batch_size, cfg.seed, state["step"] * per_step)
@@ -324,6 +412,7 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
                 window_start = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
             progress.update(bar, completed=step)
 
+    log.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         stage.save(accelerator.unwrap_model(model), output_dir)

@@ -31,9 +31,9 @@ from alignkit.data.tokenize import Formatting, pad_right
 from alignkit.losses import reward_model_loss_sum
 from alignkit.models import LoraSettings, apply_lora, load_tokenizer, save_model
 from alignkit.packing import supports_custom_masks, tree_mask
-from alignkit.precision import autocast, resolve_mixed_precision
+from alignkit.precision import autocast
 from alignkit.rewards import RewardModel, init_head, load_reward_model, score_sequences, write_normalization
-from alignkit.train.loop import Stage, load_datasets, train, write_data_report
+from alignkit.train.loop import Stage, check_engine_flags, load_datasets, train, write_data_report
 
 
 def formatting(cfg: RMConfig) -> Formatting:
@@ -165,7 +165,7 @@ def run_rm(cfg: RMConfig) -> dict:
     """Train a reward model on cfg.dataset's comparisons; returns the last logged metrics."""
     if not cfg.dataset:
         raise ValueError("--dataset is required: preference rows (prompt/chosen/rejected, or prompt/responses) or builtin_pref:TASK")
-    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)  # bad values fail before any model loads
+    check_engine_flags(cfg)  # --mixed_precision, --report_to: bad values fail before any model loads
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     build = lambda source, split, name, report: build_examples(source, split, tokenizer, cfg, name, report)  # noqa: E731
     train_examples, eval_examples, report = load_datasets(cfg, build, "training examples")
