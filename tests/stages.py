@@ -4,6 +4,7 @@ gradient checkpointing, tensorboard): `files` (a fixture) and `run_stage`."""
 import json
 
 import pytest
+import torch
 
 from alignkit.data import tasks
 from alignkit.data.formats import write_jsonl
@@ -46,5 +47,6 @@ def run_stage(stage: str, files, model_dir, output_dir, **overrides) -> list[dic
                                                 rollout_batch_size=8, mini_batch_size=8, num_ppo_epochs=1, max_new_tokens=6)),
     }
     cls, run, settings = specific[stage]
+    torch.manual_seed(0)  # fresh LoRA adapters are drawn before the trainer seeds: runs in one process start alike
     run(cls(**{**common, **settings, **overrides}))
     return [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
