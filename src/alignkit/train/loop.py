@@ -155,10 +155,21 @@ def micro_batches(num_examples: int, batch_size: int, seed: int, start: int = 0)
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
+def check_sharding_backend() -> None:
+    """accelerate (1.15) turns on FSDP and DeepSpeed only on GPUs and other accelerators: on a CPU-only machine
+    an `accelerate launch --config_file configs/accelerate/fsdp.yaml` run would silently train as plain DDP (or
+    each process alone). Refuse instead of pretending; see docs/distributed.md."""
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true" and not torch.cuda.is_available():
+            raise ValueError(f"the accelerate config asks for {name} ({variable}=true), which accelerate runs only on GPUs; this machine "
+                             "has none. On CPU use configs/accelerate/ddp.yaml (DDP over gloo) or torchrun")
+
+
 def check_engine_flags(cfg: TrainConfig) -> None:
     """The engine's flags, checked before any model loads: --mixed_precision is resolved ("auto" -> bf16 | no,
     fp16 off CUDA refused) and --report_to must name a destination that is available."""
     cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    check_sharding_backend()
     if cfg.report_to not in REPORT_TO:
         raise ValueError(f"--report_to must be one of {' | '.join(REPORT_TO)}, got {cfg.report_to!r}")
     if cfg.report_to == "wandb":
