@@ -53,19 +53,23 @@ def sft_data(tmp_path_factory):
     return path
 
 
+def _run_both(stage, data, model_dir, tmp_path, extra=()) -> dict[str, list[dict]]:
+    """The DDP run (2 processes, batch 4 each) and the one-process run (2 accumulated micro-batches of 4): their rows."""
+    from alignkit.cli import app
+
+    two = accelerate_launch("ddp.yaml", [*stage_args(stage, model_dir, data, tmp_path / "two"), *extra])
+    assert two.returncode == 0, two.stderr[-3000:]
+    result = CliRunner().invoke(app, [*stage_args(stage, model_dir, data, tmp_path / "one"), "--gradient_accumulation_steps", "2", *extra])
+    assert result.exit_code == 0, result.output
+    return {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "two")}
+
+
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_ddp_two_processes_equal_one_process(stage, tiny_model_dir, sft_data, tmp_path):
     """2 processes × 4 examples per step vs 1 process × 2 accumulated micro-batches of 4: the same 8 examples per
     step. Step losses agree to 1e-5 relative (float32 sums in a different order: ~1e-7 each) and the saved weights
     to 2e-5 absolute (two Adam steps of lr 1e-3; a rounding-level gradient difference moves a weight ≪ 1e-3)."""
-    from alignkit.cli import app
-
-    data = DATA[stage] or sft_data
-    two = accelerate_launch("ddp.yaml", stage_args(stage, tiny_model_dir, data, tmp_path / "two"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    result = CliRunner().invoke(app, [*stage_args(stage, tiny_model_dir, data, tmp_path / "one"), "--gradient_accumulation_steps", "2"])
-    assert result.exit_code == 0, result.output
-    rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "two")}
+    rows = _run_both(stage, DATA[stage] or sft_data, tiny_model_dir, tmp_path)
     assert [r["step"] for r in rows["two"]] == [1, 2] and [r["epoch"] for r in rows["two"]] == [r["epoch"] for r in rows["one"]]
     for a, b in zip(rows["one"], rows["two"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
@@ -80,6 +84,21 @@ def test_ddp_two_processes_equal_one_process(stage, tiny_model_dir, sft_data, tm
     one, two_weights = load_file(str(tmp_path / "one/model.safetensors")), load_file(str(tmp_path / "two/model.safetensors"))
     assert one.keys() == two_weights.keys()
     assert all(torch.allclose(one[n], two_weights[n], atol=2e-5) for n in one)
+
+
+def test_bf16_under_ddp_is_the_bf16_of_one_process(tiny_model_dir, sft_data, tmp_path):
+    """--mixed_precision bf16 means the same in 2 processes (DDP calls the whole model) as in one (trunk and head
+    called apart): both autocast every forward, so the step losses agree to bf16 level — 2e-3 relative, a few
+    bf16 roundings (2^-8 each) of logits that enter the mean loss with random signs — and both differ from fp32's."""
+    rows = _run_both("sft", sft_data, tiny_model_dir, tmp_path, ["--mixed_precision", "bf16"])
+    for a, b in zip(rows["one"], rows["two"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+    from alignkit.cli import app
+
+    result = CliRunner().invoke(app, [*stage_args("sft", tiny_model_dir, sft_data, tmp_path / "fp32"), "--gradient_accumulation_steps", "2"])
+    assert result.exit_code == 0, result.output
+    fp32 = json.loads(open(tmp_path / "fp32" / "metrics.jsonl").readline())["loss"]
+    assert rows["one"][0]["loss"] != fp32 and rows["two"][0]["loss"] != fp32
 
 
 def test_fsdp_config_is_refused_on_a_machine_without_gpu(tiny_model_dir, sft_data, tmp_path):

@@ -12,12 +12,13 @@ from stages import files, run_stage  # noqa: F401 (a fixture)
 from alignkit.precision import autocast, resolve_mixed_precision
 
 @pytest.fixture
-def head_dtypes():
+def head_dtypes(tokenizer):
     """The output dtypes of every LM head (a Linear onto the vocabulary) and scalar head (a Linear onto 1) that runs."""
     seen: set[torch.dtype] = set()
+    vocabulary = len(tokenizer)
 
     def hook(module, inputs, output):
-        if isinstance(module, torch.nn.Linear) and module.out_features in (1, 49152):
+        if isinstance(module, torch.nn.Linear) and module.out_features in (1, vocabulary):
             seen.add(output.dtype)
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
