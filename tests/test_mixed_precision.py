@@ -11,6 +11,7 @@ from stages import files, run_stage  # noqa: F401 (a fixture)
 
 from alignkit.precision import autocast, resolve_mixed_precision
 
+
 @pytest.fixture
 def head_dtypes(tokenizer):
     """The output dtypes of every LM head (a Linear onto the vocabulary) and scalar head (a Linear onto 1) that runs."""
@@ -31,7 +32,7 @@ STEP_ONE = {"sft": "loss", "rm": "loss", "dpo": "loss", "ppo": "entropy"}
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo"])
-def test_bf16_reaches_the_heads_and_moves_the_loss_by_rounding_only(stage, files, tiny_model_dir, tmp_path, head_dtypes):
+def test_bf16_reaches_the_heads_and_moves_the_loss_by_rounding_only(stage, files, tiny_model_dir, tmp_path, head_dtypes):  # noqa: F811
     """fp32: every head computes in float32. bf16: in bfloat16 — so a trainer that ignores the flag fails
     here, and so does one whose loss helpers bypass accelerate's wrapped forward. The step-1 value differs
     from fp32's (bf16 keeps 8 bits of mantissa, relative rounding 2^-8 ≈ 0.4% per matmul) but by < 2%."""
@@ -65,7 +66,7 @@ def test_fp16_is_refused_on_cpu_and_unknown_values_name_the_flag():
         resolve_mixed_precision("bf32", "cpu")
 
 
-def test_fp16_is_refused_before_any_model_loads(files, tmp_path, monkeypatch):
+def test_fp16_is_refused_before_any_model_loads(files, tmp_path, monkeypatch):  # noqa: F811
     """A CPU run with fp16 stops before loading a model (the model path does not even exist)."""
     from alignkit.config import SFTConfig
     from alignkit.train.sft import run_sft
