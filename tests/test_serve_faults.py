@@ -37,7 +37,21 @@ def state(model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(state):
+def feedback_process(model_dir, tmp_path_factory):
+    """`alignkit serve` in its own process for the SIGKILL test, started with the module so that its
+    start-up (imports, model load) overlaps the other tests."""
+    with socket_port() as port:
+        pass
+    db = tmp_path_factory.mktemp("kill") / "feedback.db"
+    process = launch(model_dir, port, db)
+    yield process, port, db
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(state, feedback_process):
     with BackgroundServer(create_app(state)) as background:
         yield background
 
@@ -166,10 +180,13 @@ def judgment(client: int, i: int) -> dict:
             "responses": [f"first {i}", f"second {i}"], "ranks": [1 + i % 2, 2 - i % 2], "sampling": {"temperature": 0.7}}
 
 
-def start_server(model_dir, port: int, db) -> subprocess.Popen:
+def launch(model_dir, port: int, db) -> subprocess.Popen:
     command = [sys.executable, "-m", "alignkit.serve.commands", "serve", "--model_name_or_path", str(model_dir), "--port", str(port),
                "--served_model_name", MODEL, "--feedback_db", str(db), "--device", "cpu"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(process: subprocess.Popen, port: int) -> subprocess.Popen:
     deadline = time.monotonic() + 180
     while True:
         try:
@@ -184,13 +201,11 @@ def start_server(model_dir, port: int, db) -> subprocess.Popen:
 KILLS = int(os.environ.get("ALIGNKIT_FAULT_KILLS", "1"))  # docs/reliability.md reports a run with more
 
 
-def test_sigkill_during_a_burst_of_feedback_loses_no_acknowledged_judgment(model_dir, tmp_path):
+def test_sigkill_during_a_burst_of_feedback_loses_no_acknowledged_judgment(model_dir, feedback_process):
     """Six clients post judgments as fast as they can; the server is SIGKILLed mid-burst and restarted.
     Every judgment whose 200 a client received is in the database afterwards, and none is stored twice
     (the clients retry the unacknowledged ones with the same id)."""
-    db = tmp_path / "feedback.db"
-    with socket_port() as port:
-        pass
+    process, port, db = feedback_process
     acked: set[str] = set()
     lock, done = threading.Lock(), threading.Event()
     per_client = 10_000
@@ -210,7 +225,7 @@ def test_sigkill_during_a_burst_of_feedback_loses_no_acknowledged_judgment(model
                 if done.is_set():
                     return
 
-    process = start_server(model_dir, port, db)
+    wait_ready(process, port)
     threads = [threading.Thread(target=client, args=(c,)) for c in range(6)]
     for thread in threads:
         thread.start()
@@ -228,7 +243,7 @@ def test_sigkill_during_a_burst_of_feedback_loses_no_acknowledged_judgment(model
                 at_kill.append(set(acked))
             rows = {row[0] for row in sqlite3.connect(db).execute("SELECT id FROM judgments")}
             assert at_kill[-1] <= rows, f"{len(at_kill[-1] - rows)} acknowledged judgment(s) lost"
-            process = start_server(model_dir, port, db)
+            process = wait_ready(launch(model_dir, port, db), port)
         target = len(acked) + 50  # the restarted server takes the retries and new judgments
         deadline = time.monotonic() + 120
         while len(acked) < target and time.monotonic() < deadline:
