@@ -8,7 +8,7 @@ file), or raises DataError (which the CLI prints as `error: file:line: field ...
 file; never any other exception. Where the rows are built to be valid or invalid on purpose, the oracle
 is exact: kept == the valid rows, and without --skip_invalid the error names the first invalid line.
 
-Server: random and mutated JSON bodies for /v1/chat/completions and /api/feedback get 200 or a 4xx with
+Server: random and mutated JSON bodies for /v1/chat/completions, /api/feedback and /api/demonstrations get 200 or a 4xx with
 an OpenAI-style JSON error naming the field, never a 500.
 
 Settings are derandomized (the same cases on every machine) and bounded; docs/reliability.md has counts.
@@ -423,6 +423,8 @@ CHAT_FIELDS = ["model", "messages", "temperature", "top_p", "max_tokens", "max_c
 VALID_FEEDBACK = {"id": "0123456789abcdef", "annotator": "fuzzer", "prompt": "Which is better?", "responses": ["one", "two"], "ranks": [1, 2],
                   "sampling": {"temperature": 0.7}}
 FEEDBACK_FIELDS = ["id", "annotator", "prompt", "responses", "ranks", "model", "sampling"]
+VALID_DEMONSTRATION = {"id": "fedcba9876543210", "annotator": "fuzzer", "prompt": [{"role": "user", "content": "Say hi"}], "completion": "Hi!"}
+DEMONSTRATION_FIELDS = ["id", "annotator", "prompt", "completion", "model"]
 EDGE = [2**64, 2**63, -(2**63) - 1, 10**30, -1, 0, 1e308, -0.0, 0.5, True, None, "", "\ud800", "x" * 300, [""] * 5, ["\udc00"],
         [{"type": "text", "text": "a"}], [{"type": "image_url"}], [{"type": "text", "text": "\ud83d"}], {"include_usage": "yes"}]
 edge_values = st.integers(0, 2).flatmap(lambda i: st.sampled_from(EDGE) if i == 0 else (json_values if i == 1 else messages))
@@ -459,7 +461,7 @@ def assert_clean_answer(response, body):
     if response.status_code == 400 and isinstance(body, dict):
         assert error["param"], error  # a field of an object body is named
         root = re.split(r"[.\[]", error["param"])[0]
-        assert root in body or root in CHAT_FIELDS + FEEDBACK_FIELDS, error
+        assert root in body or root in CHAT_FIELDS + FEEDBACK_FIELDS + DEMONSTRATION_FIELDS, error
 
 
 @FUZZ
@@ -491,8 +493,18 @@ def test_feedback_request_parser(http, body):
 
 
 @FEW
+@given(body=mutate(VALID_DEMONSTRATION, DEMONSTRATION_FIELDS) | rows)
+@example(body={**VALID_DEMONSTRATION, "completion": "\ud800"})  # SQLite refused the text: 400 naming "'utf-8' codec" as the field
+def test_demonstration_request_parser(http, body):
+    response = http.post("/api/demonstrations", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert_clean_answer(response, body)
+    if response.status_code == 200:
+        assert response.json()["id"] == body["id"]
+
+
+@FEW
 @given(raw=st.binary(max_size=80) | st.sampled_from([b"", b"[", b"{}", b"null", b"\xff\xfe{", b'{"model": "\\ud800"}', b"[" * 5000]),
-       path=st.sampled_from(["/v1/chat/completions", "/api/feedback"]),
+       path=st.sampled_from(["/v1/chat/completions", "/api/feedback", "/api/demonstrations"]),
        content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", ""]))
 def test_raw_bodies(http, raw, path, content_type):
     response = http.post(path, content=raw, headers={"content-type": content_type} if content_type else {})
