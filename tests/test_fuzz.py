@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from alignkit.data.formats import DataError, InvalidRows, load_sft_examples, read_rows
+from alignkit.data.formats import DataError, InvalidRows, load_sft_examples
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
@@ -55,12 +55,16 @@ def _line(row: dict, ensure_ascii: bool) -> bytes:
     return json.dumps(row, ensure_ascii=ensure_ascii).encode("utf-8")
 
 
+def _insert(line: bytes, at: int, junk: bytes) -> bytes:
+    return line[:at] + junk + line[at:]
+
+
 # one physical line of a .jsonl file: a row, or one of the ways a line goes wrong
 malformed_lines = st.one_of(
     st.builds(_line, rows, st.booleans()),
     st.builds(lambda row, cut: _line(row, False)[: max(1, cut)], rows, st.integers(0, 40)),  # truncated JSON
-    st.builds(lambda row, at: (lambda b: b[:at] + b"\xff\xfe" + b[at:])(_line(row, False)), rows, st.integers(0, 20)),  # invalid UTF-8
-    st.builds(lambda row, at: (lambda b: b[:at] + b"\x00" + b[at:])(_line(row, False)), rows, st.integers(0, 20)),  # a NUL byte
+    st.builds(lambda row, at: _insert(_line(row, False), at, b"\xff\xfe"), rows, st.integers(0, 20)),  # invalid UTF-8
+    st.builds(lambda row, at: _insert(_line(row, False), at, b"\x00"), rows, st.integers(0, 20)),  # a NUL byte
     st.builds(lambda row: b"\xef\xbb\xbf" + _line(row, False), rows),  # a BOM (only allowed at the start of a file)
     st.sampled_from([
         b'{"text": "\\ud800 lone surrogate"}', b'{"prompt": "x", "completion": "\\udfff"}', b'{"\\ud83d": "key"}',
@@ -101,7 +105,7 @@ def check(load, path: Path, total: int | None, skip: bool):
         kept = load(str(path), invalid)
     except DataError as error:
         message = str(error)
-        assert message.startswith(str(path)) or message.startswith(path.name), message
+        assert message.startswith((str(path), path.name)), message
         assert "Traceback" not in message
         line = re.match(re.escape(str(path)) + r":(\d+)", message)
         if line and total is not None:
