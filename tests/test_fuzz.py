@@ -513,3 +513,22 @@ def test_demonstration_request_parser(http, body):
 def test_raw_bodies(http, raw, path, content_type):
     response = http.post(path, content=raw, headers={"content-type": content_type} if content_type else {})
     assert_clean_answer(response, None)
+
+
+# ------------------------------------------------------------------------------------------ through the command line
+
+
+@pytest.mark.parametrize("line", [b'{"prompt": "a", "completion": ' + b"1" * 5000 + b"}", b'{"prompt": "\\ud800", "completion": "b"}',
+                                  b"[" * 5000], ids=["huge int", "lone surrogate", "deep nesting"])
+def test_cli_names_file_and_line_exit_2(tmp_path, tiny_model_dir, line):
+    """What a crash used to be is now one line `error: FILE:LINE: ...` and exit code 2 from `alignkit sft`."""
+    from typer.testing import CliRunner
+
+    from alignkit.cli import app
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "fine", "completion": "row"}\n' + line + b"\n")
+    result = CliRunner().invoke(app, ["sft", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(path),
+                                      "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
+    assert result.exit_code == 2, result.output
+    assert f"error: {path}:2" in " ".join(result.output.split()) and "Traceback" not in result.output, result.output
