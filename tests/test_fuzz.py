@@ -145,11 +145,12 @@ def test_jsonl_loaders_account_for_every_line(workdir, loader, lines, ending, ut
 
 @pytest.mark.parametrize("loader", [sft, preferences], ids=["sft", "preferences"])
 @FEW
-@given(items=st.lists(rows | json_values, max_size=6), wrap=st.sampled_from(["list", "data", "bare", "bom", "broken"]), skip=st.booleans())
+@given(items=st.lists(rows | json_values, max_size=6), wrap=st.sampled_from(["list", "data", "bare", "bom", "broken", "jsonl"]), skip=st.booleans())
 def test_json_array_files(workdir, loader, items, wrap, skip):
+    """.json: a list, {"data": [...]}, a bare object, a BOM, cut in half, or JSONL saved as .json."""
     path = workdir / "data.json"
     body = {"list": items, "data": {"data": items}, "bare": items[0] if items else {}}.get(wrap, items)
-    text = json.dumps(body)
+    text = "\n".join(json.dumps(item) for item in items) if wrap == "jsonl" else json.dumps(body)
     data = {"bom": b"\xef\xbb\xbf" + text.encode(), "broken": text.encode()[: len(text) // 2]}.get(wrap, text.encode())
     path.write_bytes(data)
     check(loader, path, len(items) if wrap in ("list", "data", "bom") else None, skip)
