@@ -153,10 +153,11 @@ def _lone_surrogate(value: Any, name: str = "") -> str | None:
     return None
 
 
-def _json_row(data: Any, text: str, where: str, kind: str = "a JSON object") -> Row | DataError:
+def _json_row(data: Any, escaped: bool, where: str, kind: str = "a JSON object") -> Row | DataError:
+    """`escaped`: its text has a surrogate escape (rare), so the row is searched for a lone one."""
     if not isinstance(data, dict):
         return DataError(where, f"expected {kind}, got {type(data).__name__}", reason="not a JSON object")
-    found = _SURROGATE_ESCAPE.search(text) and _lone_surrogate(data)
+    found = escaped and _lone_surrogate(data)
     if found:
         return DataError(where, "holds a lone surrogate escape (\\ud800-\\udfff without its pair), which is not text",
                          field=found.encode("utf-8", "backslashreplace").decode(), reason="not Unicode text")
@@ -173,7 +174,7 @@ def _read_jsonl(path: Path) -> Iterator[Row | DataError]:
             where = f"{path}:{number}"
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                yield _json_row(_loads(text, where), text, where)
+                yield _json_row(_loads(text, where), bool(_SURROGATE_ESCAPE.search(text)), where)
             except UnicodeDecodeError as error:
                 yield DataError(where, f"not UTF-8 text ({error.reason} at byte {error.start + 1})", reason="not UTF-8")
             except DataError as error:
@@ -202,8 +203,9 @@ def _read_json(path: Path) -> Iterator[Row | DataError]:
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(str(path), "a .json file must hold a list of objects (or {\"data\": [...]}); for one object per line use .jsonl")
+    escaped = bool(_SURROGATE_ESCAPE.search(text))  # once: searching the whole text per item would be quadratic
     for i, item in enumerate(data):
-        yield _json_row(item, text, f"{path} item {i + 1}", kind="an object")
+        yield _json_row(item, escaped, f"{path} item {i + 1}", kind="an object")
 
 
 def _cell(key: str, value: str | None) -> Any:
@@ -230,7 +232,8 @@ def _read_csv(path: Path) -> Iterator[Row | DataError]:
                 yield DataError(where, f"{len(record[None])} more value(s) than the header has columns", reason="malformed CSV row")
             else:
                 cells = {key: _cell(key, value) for key, value in record.items()}
-                yield _json_row(cells, "".join(v for v in record.values() if isinstance(v, str)), where)
+                escaped = any(_SURROGATE_ESCAPE.search(v) for v in record.values() if isinstance(v, str))
+                yield _json_row(cells, escaped, where)
     except csv.Error as error:
         raise DataError(f"{path}:{reader.line_num}", f"malformed CSV ({error})") from None
 
