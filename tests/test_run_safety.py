@@ -212,3 +212,25 @@ def test_ppo_guard_runs_before_models_load(tmp_path, monkeypatch):
     monkeypatch.setattr(ppo, "make_accelerator", lambda cfg: pytest.fail("setup went on after the guard should have refused"))
     with pytest.raises(ValueError, match="another run's outputs"):
         ppo.run_ppo(PPOConfig(dataset="builtin:arithmetic:4", reward_fn="builtin:exact_match", output_dir=str(tmp_path)))
+
+
+def test_ppo_nonfinite_update_stops_or_is_skipped_and_counted(tiny_model_dir, tmp_path):
+    """A reward of NaN makes every advantage NaN, so the first PPO update's loss is not finite: the run stops
+    naming iteration 1; with --skip_nonfinite every update is skipped, counted, and the weights never move."""
+    from safetensors.torch import load_file
+
+    from alignkit.config import PPOConfig
+    from alignkit.train.ppo import run_ppo
+
+    write_jsonl([{"prompt": f"Say {w}."} for w in ("hi", "yes", "no", "red")], tmp_path / "prompts.jsonl")
+    (tmp_path / "reward.py").write_text("def nan(prompts, responses, **kw):\n    return [float('nan')] * len(responses)\n")
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset=str(tmp_path / "prompts.jsonl"), reward_fn=f"{tmp_path / 'reward.py'}:nan",
+                    max_steps=2, rollout_batch_size=4, mini_batch_size=2, num_ppo_epochs=1, max_new_tokens=4, learning_rate=1e-2,
+                    whiten_advantages=False, progress=False)
+    with pytest.raises(NonFiniteError, match=r"step 1: loss nan"):
+        run_ppo(PPOConfig(output_dir=str(tmp_path / "stop"), **settings))
+    run_ppo(PPOConfig(output_dir=str(tmp_path / "skip"), skip_nonfinite=True, **settings))
+    rows = [json.loads(line) for line in open(tmp_path / "skip" / "metrics.jsonl")]
+    assert [r["nonfinite_skipped"] for r in rows] == [2, 2]  # 4 responses / minibatches of 2, one epoch
+    before, after = load_file(str(Path(tiny_model_dir) / "model.safetensors")), load_file(str(tmp_path / "skip" / "model.safetensors"))
+    assert all(torch.equal(before[name], after[name]) for name in before if name in after)

@@ -307,3 +307,13 @@ def nonfinite_step(loss: float, grad_norm: float | None, step: int, cfg) -> bool
     last = f"the last good checkpoint is {found[-1]}" if found else "there is no checkpoint (see --save_steps)"
     raise NonFiniteError(f"step {step}: {what} is not finite; stopped before updating the weights. {last}; "
                          "--resume_from_checkpoint latest --skip_nonfinite continues from it, skipping such steps")
+
+
+def advance_schedule(scheduler) -> None:
+    """scheduler.step(), also after a skipped optimizer step (torch warns when the first step was skipped; the
+    schedule must still advance so the learning rate stays a function of the step number)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"), category=UserWarning)
+        scheduler.step()

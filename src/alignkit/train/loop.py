@@ -18,10 +18,8 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,7 +29,7 @@ import torch
 from alignkit import atomic
 from alignkit.config import TrainConfig, save_config
 from alignkit.train.checkpoint import (  # noqa: F401  (find_checkpoint, trainable_state: used by ppo and tests)
-    drop_later_checkpoints, find_checkpoint, kill_point, load_checkpoint, nonfinite_step, prepare_output_dir, save_checkpoint,
+    advance_schedule, drop_later_checkpoints, find_checkpoint, kill_point, load_checkpoint, nonfinite_step, prepare_output_dir, save_checkpoint,
     trainable_state,
 )
 from alignkit.precision import autocast, resolve_mixed_precision
@@ -410,9 +408,7 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
                 for key, value in sums.items():
                     window[key] = window.get(key, 0) + value
                 window_steps += 1
-            with warnings.catch_warnings():  # torch warns when the schedule advances over a skipped first step
-                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"), category=UserWarning)
-                scheduler.step()
+            advance_schedule(scheduler)
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step
             state["tokens"] += step_tokens

@@ -42,7 +42,7 @@ from alignkit.losses import (
 )
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, unwrap_base
 from alignkit.rollout import Episodes, critic_values, policy_forward, rollout
-from alignkit.train.checkpoint import drop_later_checkpoints, kill_point, prepare_output_dir
+from alignkit.train.checkpoint import advance_schedule, drop_later_checkpoints, kill_point, nonfinite_step, prepare_output_dir
 from alignkit.train.loop import (
     MetricsLog, check_engine_flags, enable_gradient_checkpointing, find_checkpoint, forward_context, load_checkpoint,
     make_accelerator, make_optimizer, make_scheduler, micro_batches, progress_bar, save_checkpoint, save_final_model, write_config,
@@ -299,6 +299,7 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     n_all, start = len(exp.lengths), time.perf_counter()
     totals, updates, trained_tokens, stopped, first_ratio_error = {}, 0, 0.0, False, float("nan")
+    skipped = 0  # updates whose loss or gradient was not finite (--skip_nonfinite)
     for epoch in range(cfg.num_ppo_epochs):
         order = torch.randperm(n_all, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)).tolist()
         for first in range(0, n_all, cfg.mini_batch_size):
@@ -351,8 +352,15 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
                 scaler.scale(loss).backward()
             procs.sum_gradients(params)
             scaler.unscale_(optimizer)  # every process holds the same summed gradients: they agree on skipping a step
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            if not scaler.is_enabled():  # fp16's scaler skips non-finite steps itself (and lowers its scale)
+                step_loss = float(sums[0] + cfg.vf_coef * sums[2] + cfg.ptx_coef * metrics.get("ptx_loss", 0.0))
+                if nonfinite_step(step_loss, float(grad_norm), step, cfg):
+                    # weights and moments stay; the schedule advances so the LR stays a function of the update count
+                    optimizer.zero_grad(set_to_none=True)
+                    advance_schedule(scheduler)
+                    skipped += 1
+                    continue
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -366,6 +374,7 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
     seconds = time.perf_counter() - start
     return {**{key: value / max(updates, 1) for key, value in totals.items()}, "ppo_updates": updates,
             "ratio_error_before_update": first_ratio_error, "early_stopped": stopped,
+            **({"nonfinite_skipped": skipped} if cfg.skip_nonfinite else {}),
             "training_tokens_per_second": trained_tokens / max(seconds, 1e-9), "seconds": seconds}
 
 
