@@ -258,6 +258,16 @@ def test_sample_categorical_draws_the_distribution_and_never_a_zero_mass_token()
     assert torch.equal(again, draws[:50])
 
 
+def test_sample_categorical_when_u_rounds_up_to_the_total(monkeypatch):
+    """u·total can round up to the total (about once in 2^24 draws): no cdf entry exceeds it, and the draw
+    must fall back to the row's last token with mass, never the zero-mass tail or index V. Forced here."""
+    import alignkit.generation as generation
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]])
+    monkeypatch.setattr(generation.torch, "rand", lambda shape, **kwargs: torch.ones(shape, dtype=kwargs.get("dtype")))
+    assert generation.sample_categorical(probs).tolist() == [3, 1, 5]
+
+
 def test_shared_prefix_prefill_samples_what_the_full_prefill_samples(tiny, monkeypatch):
     """Prompts sharing a long prefix (a system prompt; the same prompt twice; a prompt that is the prefix plus
     one token): the prefix is prefilled once and its cache repeated, with the same tokens, log-probs and
