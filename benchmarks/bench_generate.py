@@ -7,7 +7,7 @@
 Both tools get the same model (SmolLM2-135M-Instruct, the built-in `smollm2-135m-instruct`), the same token ids
 (chat-templated short instructions of varying length, left-padded to one batch) and the same settings: greedy, or
 sampling at temperature 1 with top_p 0.9 (top_k off), exactly `--new-tokens` new tokens per row (no stop tokens on
-either side: alignkit `stop_token_ids=()`, transformers `eos_token_id=None`), weights in `--dtype`, inference mode.
+either side: alignkit `stop_token_ids=()`, transformers `eos_token_id=None`), weights in `--dtype`, torch.no_grad.
 `alignkit generate`, PPO rollouts, `alignkit eval` and the server all sample through the measured function.
 
 Each (tool, batch, repeat) is its own process (`--worker`), so peak RSS is that tool's; the tools alternate, the
@@ -129,8 +129,7 @@ def run_transformers(model, tokenizer, prompts, mode: str, new_tokens: int, seed
     # generate() fills the settings left None from the model's generation config: no eos there either
     model.generation_config.eos_token_id = None
     torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, generation_config=config, streamer=Streamer())
+    out = model.generate(ids, attention_mask=mask, generation_config=config, streamer=Streamer())  # no_grad, as alignkit
     response = out[:, ids.shape[1]:]
     assert response.shape == (len(prompts), new_tokens)
     return response, clock
