@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from alignkit.config import TrainConfig, save_config
+from alignkit.precision import autocast, resolve_mixed_precision
 
 
 @dataclass
@@ -73,12 +74,50 @@ def make_accelerator(cfg: TrainConfig):
     # process (or one stage in bf16 after another in fp32) needs a fresh one each time. The process
     # group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    # without cpu=True and no GPU, each torchrun process would silently train alone
+    # resolved once here ("auto" -> bf16 | no): every later reader (autocast, config.yaml) sees what runs
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    # without cpu=True and no GPU, each torchrun process would silently train alone. accelerate's own
+    # mixed precision gives fp16 its loss scaler; the autocast of every forward is `forward_context`.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise RuntimeError(f"launched with WORLD_SIZE={expected} but accelerate sees {accelerator.num_processes} process(es)")
     return accelerator
+
+
+def forward_context(cfg: TrainConfig, device):
+    """The context every forward of a stage runs in: autocast under --mixed_precision (see alignkit.precision)."""
+    return autocast(cfg.mixed_precision, device)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, in_eval_mode: bool = False) -> int:
+    """--gradient_checkpointing: every transformers model inside `model` (a peft wrapper, a reward model, PPO's
+    policy and critic) recomputes its layers' activations in the backward pass instead of keeping them.
+    Non-reentrant checkpointing (the one torch recommends); with frozen embeddings (LoRA) the inputs are made to
+    require grad, as transformers advises. transformers checkpoints only layers in training mode: `in_eval_mode`
+    (PPO keeps dropout off) flags the decoder layers alone as training, so their dropout modules stay off.
+    Returns how many models it was enabled on."""
+    from transformers import PreTrainedModel
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    inside_enabled: set[int] = set()
+    enabled = 0
+    for module in model.modules():  # pre-order: the outermost transformers model of each subtree comes first
+        if id(module) in inside_enabled or not isinstance(module, PreTrainedModel) or not module.supports_gradient_checkpointing:
+            continue
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers ≥ 5.x's name
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if any(not p.requires_grad for p in module.get_input_embeddings().parameters()):
+            module.enable_input_require_grads()
+        inside_enabled.update(id(m) for m in module.modules())
+        enabled += 1
+        if in_eval_mode:
+            for layer in module.modules():
+                if isinstance(layer, GradientCheckpointingLayer):
+                    layer.training = True  # the flag of this module only: its dropout children stay in eval mode
+    return enabled
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -113,21 +152,88 @@ def micro_batches(num_examples: int, batch_size: int, seed: int, start: int = 0)
             number += 1
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step; on resume, rows past the checkpoint are dropped."""
+REPORT_TO = ("none", "tensorboard", "wandb")
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
+
+def check_sharding_backend() -> None:
+    """accelerate (1.15) turns on FSDP and DeepSpeed only on GPUs and other accelerators: on a CPU-only machine
+    an `accelerate launch --config_file configs/accelerate/fsdp.yaml` run would silently train as plain DDP (or
+    each process alone). Refuse instead of pretending; see docs/distributed.md."""
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true" and not torch.cuda.is_available():
+            raise ValueError(f"the accelerate config asks for {name} ({variable}=true), which accelerate runs only on GPUs; this machine "
+                             "has none. On CPU use configs/accelerate/ddp.yaml (DDP over gloo) or torchrun")
+
+
+def check_engine_flags(cfg: TrainConfig) -> None:
+    """The engine's flags, checked before any model loads: --mixed_precision is resolved ("auto" -> bf16 | no,
+    fp16 off CUDA refused) and --report_to must name a destination that is available."""
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    check_sharding_backend()
+    if cfg.report_to not in REPORT_TO:
+        raise ValueError(f"--report_to must be one of {' | '.join(REPORT_TO)}, got {cfg.report_to!r}")
+    if cfg.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--report_to wandb needs the wandb package (pip install wandb); --report_to tensorboard works offline") from None
+
+
+def _scalars(row: dict) -> dict[str, float]:
+    """The numeric fields of a metrics row as (tag, value): eval_x -> eval/x, anything else -> train/x."""
+    scalars = {}
+    for key, value in row.items():
+        if key == "step" or isinstance(value, str) or value is None:
+            continue
+        tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+        scalars[tag] = float(value)
+    return scalars
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step; on resume, rows past the checkpoint are dropped.
+    With --report_to tensorboard each row's numbers also go to OUTPUT/runs/ as scalars (events past the
+    checkpoint are purged on resume); with wandb, to the wandb run."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0, report_to: str = "none", run_dir: Path | None = None,
+                 config: TrainConfig | None = None):
         self.path, self.enabled = path, enabled
         if enabled and path.exists() and resume_step:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
         elif enabled and path.exists():
             path.unlink()
+        self.tensorboard = self.wandb = None
+        if enabled and report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir = run_dir or path.parent / "runs"
+            self.tensorboard = SummaryWriter(str(run_dir), purge_step=resume_step + 1 if resume_step else None)
+        elif enabled and report_to == "wandb":
+            import dataclasses
+
+            import wandb
+
+            self.wandb = wandb.init(project="alignkit", name=path.parent.name, dir=str(path.parent), resume="allow",
+                                    config=dataclasses.asdict(config) if config is not None else None)
 
     def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        step = int(row.get("step", 0))
+        if self.tensorboard is not None:
+            for tag, value in _scalars(row).items():
+                self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(_scalars(row), step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -212,7 +318,8 @@ def evaluate(stage: Stage, accelerator, model, cfg: TrainConfig) -> dict[str, fl
     mine = examples[accelerator.process_index :: accelerator.num_processes]
     for start in range(0, len(mine), cfg.per_device_eval_batch_size):
         chunk = mine[start : start + cfg.per_device_eval_batch_size]
-        loss_sum, metrics = stage.loss(model, _to_device(stage.collate(chunk), accelerator.device))
+        with forward_context(cfg, accelerator.device):
+            loss_sum, metrics = stage.loss(model, _to_device(stage.collate(chunk), accelerator.device))
         totals["loss"] += loss_sum.detach().float()
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0) + value.detach().float()
@@ -240,6 +347,8 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
 
     model = stage.model
     model.train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = make_optimizer(model, cfg)
     steps = total_steps(cfg, len(stage.train_examples), world)
     scheduler = make_scheduler(optimizer, cfg, steps)
@@ -250,7 +359,7 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
-    log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, state["step"])
+    log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, state["step"], cfg.report_to, config=cfg)
 
     per_step = cfg.gradient_accumulation_steps * world
     stream = micro_batches(len(stage.train_examples), cfg.per_device_train_batch_size, cfg.seed, state["step"] * per_step)
@@ -270,7 +379,8 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
                 batch = _to_device(stage.collate(examples), accelerator.device)
                 sync = index == len(mine) - 1
                 with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                    loss_sum, metrics = stage.loss(model, batch)
+                    with forward_context(cfg, accelerator.device):
+                        loss_sum, metrics = stage.loss(model, batch)
                     # DDP averages gradients over processes; scale so the result is the step's sum / denominator
                     accelerator.backward(loss_sum * (world / denominator))
                 window["loss"] += loss_sum.detach().float() / denominator
@@ -313,6 +423,7 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
                 window_start = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
             progress.update(bar, completed=step)
 
+    log.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         stage.save(accelerator.unwrap_model(model), output_dir)
