@@ -380,7 +380,7 @@ def build_reward(reward_model: str = "", reward_fn: str = "", reward_weights: st
     weight per source, in the order reward model (if any) then functions (default: all 1)."""
     sources: list[tuple[str, object]] = []
     if reward_model:
-        sources.append((f"reward_model", RewardModelScorer(reward_model, device=device)))
+        sources.append(("reward_model", RewardModelScorer(reward_model, device=device)))
     for spec in [s.strip() for s in reward_fn.split(",") if s.strip()]:
         sources.append((spec, load_reward_function(spec)))
     weights = [float(w) for w in reward_weights.split(",") if w.strip()] if reward_weights else [1.0] * len(sources)

@@ -11,7 +11,6 @@ Mixing several data sets and the `alignkit data flan` command: `alignkit.data.fl
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field

@@ -20,7 +20,7 @@ import yaml
 from alignkit.config import knob, refuse
 from alignkit.data.flan import (
     SPLIT_ALIASES, TEMPLATE_SETS, Template, TemplateSet, choose_exemplars, few_shot, load_template_set,
-    read_task_examples, render,
+    read_task_examples,
 )
 from alignkit import atomic
 from alignkit.data.formats import DataError, InvalidRows, write_jsonl
