@@ -24,4 +24,5 @@ browser:
 		|| echo "warning: could not install Debian's chromium (needs root and apt); the browser tests will be skipped"
 
 test: setup browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q

@@ -34,6 +34,7 @@ def run_demo(model_name_or_path: str, output_dir: str, max_steps: int, eval_per_
     from rich.console import Console
     from rich.table import Table
 
+    from alignkit import atomic
     from alignkit.config import SFTConfig
     from alignkit.data import tasks
     from alignkit.evaluate.tasks import exact_match_eval
@@ -49,6 +50,7 @@ def run_demo(model_name_or_path: str, output_dir: str, max_steps: int, eval_per_
         eval_dataset=f"builtin:{names}:{eval_per_task}", output_dir=str(out / "sft"), max_steps=max_steps,
         per_device_train_batch_size=8, learning_rate=5e-5, lr_scheduler_type="cosine", warmup_ratio=0.1,
         logging_steps=5, max_length=256, seed=0,
+        overwrite_output_dir=True,  # running the demo again replaces its own previous SFT run
     )
     test_rows = tasks.make_mixture(list(DEMO_TASKS), "test", eval_per_task, seed=0)
     tokenizer = load_tokenizer(model_name_or_path)
@@ -83,8 +85,8 @@ def run_demo(model_name_or_path: str, output_dir: str, max_steps: int, eval_per_
         f"Model `{model_name_or_path}`, SFT for {max_steps} steps on built-in tasks ({', '.join(DEMO_TASKS)}), "
         f"batch 8, lr {cfg.learning_rate}. Held-out exact match:", "", *lines, *samples, "", "![SFT loss](sft_loss.png)", "",
     ]
-    (out / "report.md").write_text("\n".join(report))
+    atomic.write_text(out / "report.md", "\n".join(report))
     result = {"before": {k: v for k, v in before.items() if k != "predictions"}, "after": {k: v for k, v in after.items() if k != "predictions"}}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    atomic.write_json(out / "results.json", result)
     console.print(f"report: {out / 'report.md'}")
     return result
