@@ -196,20 +196,10 @@ data_app.command("flan", help="Render data sets through Flan-style templates and
 data_app.command("self-instruct")(self_instruct_command)
 
 
-@app.command()
-def demo(
-    model_name_or_path: str = typer.Option("smollm2-135m-instruct", "--model_name_or_path"),
-    output_dir: str = typer.Option("outputs/demo", "--output_dir"),
-    max_steps: int = typer.Option(60, "--max_steps"),
-    eval_per_task: int = typer.Option(15, "--eval_per_task"),
-):
-    """The main job: fine-tune the built-in model on built-in tasks; compare before and after."""
-    from alignkit.pipeline.demo import run_demo
+from alignkit.pipeline.command import demo, pipeline  # noqa: E402
 
-    try:
-        run_demo(model_name_or_path, output_dir, max_steps, eval_per_task)
-    except USER_ERRORS as error:
-        _fail(error)
+app.command("pipeline")(pipeline)
+app.command("demo")(demo)
 
 
 from alignkit.evaluate.commands import eval_app  # noqa: E402
