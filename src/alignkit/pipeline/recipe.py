@@ -91,6 +91,8 @@ class PPORecipe:
     kl_coef: float = 0.05  # β of the per-token KL penalty to the SFT model
     temperature: float = 1.0  # sampling temperature during rollouts
     max_new_tokens: int = 24  # response length limit (tokens)
+    kl_early_stop: float = 0.0  # stop an iteration's updates once a minibatch's KL to the rollout policy exceeds it (0 = never)
+    use_peft: bool = False  # LoRA adapters (the reference is the SFT model with them disabled: no second copy in memory)
     save_steps: int = 5  # checkpoint every N iterations (an interrupted stage resumes from the last one)
 
 

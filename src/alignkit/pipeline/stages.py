@@ -243,6 +243,7 @@ def stage_ppo(recipe: Recipe, run: Path, resume: bool) -> dict:
         num_samples_per_prompt=spec.samples_per_prompt, rollout_batch_size=spec.rollout_batch_size, mini_batch_size=spec.mini_batch_size,
         num_ppo_epochs=spec.num_ppo_epochs, learning_rate=spec.learning_rate, lr_scheduler_type="constant", kl_coef=spec.kl_coef,
         temperature=spec.temperature, max_new_tokens=spec.max_new_tokens, max_steps=spec.max_steps, save_steps=spec.save_steps,
+        kl_early_stop=spec.kl_early_stop, use_peft=spec.use_peft,
     )
     return run_ppo(cfg)
 
