@@ -215,3 +215,31 @@ def test_a_run_killed_mid_ppo_resumes_to_the_same_weights(quick_run, tmp_path):
     assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
     steps = [json.loads(line)["step"] for line in (copy / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+class FakeEndpoint:
+    """An OpenAI-compatible /chat/completions stand-in: prefers the longer answer, or always says "A"."""
+
+    def __init__(self, always_a: bool = False):
+        self.always_a, self.calls = always_a, 0
+
+    def post(self, url, json):
+        import httpx
+
+        self.calls += 1
+        text = json["messages"][1]["content"]
+        first = text.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+        second = text.split("Answer B:\n")[1].split("\n\nWhich answer")[0]
+        verdict = "A" if self.always_a or len(first) > len(second) else "B"
+        return httpx.Response(200, json={"choices": [{"message": {"content": verdict}}]}, request=httpx.Request("POST", url))
+
+
+def test_llm_judge_asks_both_orders_and_drops_position_bias():
+    from alignkit.pipeline.judges import llm_preferences
+
+    items = [{"prompt": "p", "responses": ["short", "a longer one", "mid size"]}]
+    endpoint = FakeEndpoint()
+    rows = llm_preferences(items, "http://judge/v1", "m", None, client=endpoint)
+    assert endpoint.calls == 6  # 3 pairs × 2 orders
+    assert {(r["chosen"], r["rejected"]) for r in rows} == {("a longer one", "short"), ("mid size", "short"), ("a longer one", "mid size")}
+    assert llm_preferences(items, "http://judge/v1", "m", None, client=FakeEndpoint(always_a=True)) == []  # "A" in both orders: no preference
