@@ -83,6 +83,24 @@ def plot_ppo(rows: list[dict], out: Path) -> list[str]:
     return ["ppo.png", "gold_vs_proxy.png"]
 
 
+def plot_dpo(rows: list[dict], out: Path) -> str | None:
+    """DPO's implicit-reward margin and accuracy per step (train) and at the end (held out)."""
+    if not any("rewards/margins" in r for r in rows):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for key, label in (("rewards/margins", "margin"), ("rewards/accuracies", "accuracy")):
+        x, y = _series(rows, key)
+        ax.plot(x, y, "o-", markersize=3, label=f"train {label}")
+        x, y = _series(rows, "eval_" + key)
+        ax.plot(x, y, "s", markersize=6, label=f"held-out {label}")
+    ax.set_xlabel("step"), ax.set_ylabel("implicit reward β·log π/π_ref"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "dpo.png", dpi=100)
+    plt.close(fig)
+    return "dpo.png"
+
+
 def plot_temperatures(temperatures: dict, out: Path) -> str | None:
     if not temperatures:
         return None
@@ -146,7 +164,7 @@ def stage_report(recipe: Recipe, run: Path, resume: bool) -> dict:
     rm_eval = [r for r in rm_rows if "eval_accuracy" in r]
     dpo_train = [r for r in dpo_rows if "rewards/margins" in r]
     dpo_eval = [r for r in dpo_rows if "eval_rewards/accuracies" in r]
-    figures = [plot_losses(run, out), *plot_ppo(ppo_rows, out), plot_temperatures(evaluation.get("temperatures", {}), out)]
+    figures = [plot_losses(run, out), *plot_ppo(ppo_rows, out), plot_dpo(dpo_rows, out), plot_temperatures(evaluation.get("temperatures", {}), out)]
     tested = claims(evaluation, records)
     summary = {
         "recipe": recipe.model, "stages": {s: {k: r.get(k) for k in ("wall_seconds", "cpu_seconds", "peak_rss_mb", "status")} for s, r in records.items() if r},
