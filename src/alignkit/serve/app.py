@@ -4,6 +4,8 @@
   GET  /v1/models, GET /health
   GET  /                      the web page (chat + comparison views), files under /static
   POST /api/feedback          store one judgment (idempotent by its id); GET /api/feedback/stats; GET /api/info
+  GET  /api/judge             judge mode (the pipeline's `judge: human`): progress and the next item of a fixed queue
+  POST /api/demonstrations    store a person's ideal answer to a prompt (idempotent by its id)
 
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with a 4xx status for the
 client's mistakes. With --api_key every /v1 and /api route wants `Authorization: Bearer KEY`.
@@ -28,6 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alignkit.chat.history import PromptTooLong, SummaryCache, fit_history, model_summarizer
@@ -35,12 +38,13 @@ from alignkit.data.formats import DataError, validate_messages
 from alignkit.data.tokenize import Formatting
 from alignkit.serve.config import ServeConfig, check_bind, is_loopback  # noqa: F401  (re-exported)
 from alignkit.serve.engine import Delta, Engine, Failed, Finished
-from alignkit.serve.feedback import FeedbackStore, Judgment
+from alignkit.serve.feedback import Demonstration, FeedbackStore, JudgeQueue, Judgment
 from alignkit.serve.protocol import (
     ApiError,
     BodyLimit,
     ChatRequest,
     FeedbackIn,
+    Message,
     chat_messages,
     engine_request,
     error_body,
@@ -63,6 +67,7 @@ class ServerState:
     feedback: FeedbackStore | None = None
     cache: SummaryCache = field(default_factory=SummaryCache)
     started: float = field(default_factory=time.time)
+    judge_queue: JudgeQueue | None = None  # set: the page serves these items to judge (alignkit.pipeline.human)
 
 
 def _fit(state: ServerState, messages: list[dict], max_tokens: int):
@@ -208,8 +213,50 @@ def create_app(state: ServerState) -> FastAPI:
         headers = {"Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'", "Cache-Control": "no-store"}
         return FileResponse(STATIC / "index.html", headers=headers)
 
+    _add_people_routes(app, state, guarded)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+class DemonstrationIn(BaseModel):
+    id: str
+    annotator: str
+    prompt: str | list[Message]
+    completion: str
+    model: str | None = None
+
+
+def _prompt_messages(prompt: str | list[Message]) -> list[dict]:
+    """A prompt as checked {role, content} messages (a string is one user message); ApiError 400 naming the field."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])} for m in prompt]
+    try:
+        return validate_messages(messages, "request", "prompt", need_final_assistant=False)
+    except DataError as error:
+        raise ApiError(400, f"{error.field}: {str(error).split(': ', 2)[-1]}", error.field) from None
+
+
+def _add_people_routes(app: FastAPI, state: ServerState, guarded: list) -> None:
+    """Judge mode (a fixed queue of pre-sampled items) and demonstrations (a person's ideal answer)."""
+
+    @app.get("/api/judge", dependencies=guarded)
+    def judge_next(after: int = -1):
+        if state.judge_queue is None:
+            return {"active": False}
+        return {"active": True, **state.judge_queue.status(after)}
+
+    @app.post("/api/demonstrations", dependencies=guarded)
+    def demonstration(body: DemonstrationIn):
+        if state.feedback is None:
+            raise ApiError(503, "feedback collection is off: start the server with --feedback_db FILE", code="feedback_off")
+        demo = Demonstration(body.id, body.annotator, body.model or state.model_id, _prompt_messages(body.prompt), body.completion)
+        try:
+            stored = state.feedback.add_demonstration(demo)  # committed (synchronous=FULL) before we answer
+        except ValueError as error:
+            raise ApiError(400, str(error), str(error).split(":")[0]) from None
+        return {"id": body.id, "stored": stored, "total": state.feedback.demonstration_count()}
 
 
 async def _stream(job, events: asyncio.Queue, meta: dict, n: int, prompt_tokens: int, include_usage: bool):

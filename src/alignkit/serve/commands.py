@@ -123,14 +123,22 @@ def serve(
 
 @feedback_app.command("export")
 def feedback_export(
-    output: str = typer.Option(..., "--output", help="preference JSONL for `alignkit rm` / `alignkit dpo` --dataset"),
+    output: str = typer.Option(..., "--output", help="JSONL: preferences for `alignkit rm` / `alignkit dpo`, demonstrations for `alignkit sft`"),
     feedback_db: str = typer.Option("feedback.db", "--feedback_db", help="the SQLite file `alignkit serve --feedback_db` wrote"),
     annotator: str = typer.Option("", "--annotator", help="only this annotator's judgments"),
+    kind: str = typer.Option("preferences", "--kind", help="preferences (the judgments) | demonstrations (the ideal answers people wrote)"),
 ):
-    """Write the stored judgments as preference rows: pairs {prompt, chosen, rejected}, rankings {prompt, responses, ranks}."""
-    from alignkit.serve.feedback import export_preferences
+    """Write the stored judgments as preference rows: pairs {prompt, chosen, rejected}, rankings {prompt, responses, ranks};
+    with --kind demonstrations, the written answers as SFT rows {prompt, completion}."""
+    from alignkit.serve.feedback import export_demonstrations, export_preferences
 
     try:
+        if kind not in ("preferences", "demonstrations"):
+            raise ValueError(f"--kind must be preferences or demonstrations, got {kind!r}")
+        if kind == "demonstrations":
+            written = export_demonstrations(feedback_db, output, annotator or None)
+            print(f"wrote {written} demonstration(s) to {output} (prompt/completion rows for `alignkit sft --dataset`)")
+            return
         counts = export_preferences(feedback_db, output, annotator or None)
     except USER_ERRORS as error:
         _fail(error)

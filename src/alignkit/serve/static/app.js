@@ -1,9 +1,16 @@
-// alignkit web page: a streaming chat and a comparison view that collects human judgments.
+// alignkit web page: a streaming chat, a comparison view that collects human judgments (free, or in judge mode a
+// fixed queue of the pipeline's samples), and demonstrations (a person's ideal answer to a prompt).
 // No framework, no build step, nothing loaded from elsewhere (the page works offline).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const PENDING_KEY = "alignkit.pendingJudgments";
+// what waits in this browser until the server has stored it (ids make a resend harmless)
+const QUEUES = {
+  judgments: { key: PENDING_KEY, url: "/api/feedback", refusedKey: "alignkit.refusedJudgments", status: "feedback-status", noun: "judgment(s)" },
+  demonstrations: { key: "alignkit.pendingDemonstrations", url: "/api/demonstrations", refusedKey: "alignkit.refusedDemonstrations",
+                    status: "demo-status", noun: "demonstration(s)" },
+};
 const SETTINGS = {
   "set-api-key": "alignkit.apiKey", "set-annotator": "alignkit.annotator", "set-system": "alignkit.system",
   "set-temperature": "alignkit.temperature", "set-top-p": "alignkit.topP", "set-max-tokens": "alignkit.maxTokens",
@@ -14,6 +21,9 @@ let chatMessages = [];       // the conversation shown in the chat view
 let chatAbort = null;        // aborting the fetch closes the stream; the server frees the row
 let comparison = null;       // {prompt, responses, sampling, model} being judged
 let prompts = [], promptIndex = -1;
+let judgeMode = false;       // the server serves a fixed queue of items to judge (the pipeline's `judge: human`)
+let judgeItem = null;        // the queue item shown
+const judgedHere = new Set(); // keys of items judged in this page, perhaps not stored yet
 
 // ------------------------------------------------------------------------------------------ settings
 
@@ -56,6 +66,7 @@ async function connect() {
     const info = await response.json();
     modelId = info.model;
     $("model-name").textContent = info.model + " · context " + info.context_length + (info.feedback ? "" : " · feedback off");
+    loadJudge(-1);
   } catch (e) {
     $("model-name").textContent = "not connected: " + e.message;
     setTimeout(connect, 2000);
@@ -246,65 +257,134 @@ function newId() {
 
 function judge(ranks) {
   if (!comparison) return;
+  const judged = comparison;
   const judgment = {
-    id: newId(), annotator: $("set-annotator").value.trim() || "anonymous", model: comparison.model,
-    prompt: comparison.prompt, responses: comparison.responses, ranks, sampling: comparison.sampling,
+    id: newId(), annotator: $("set-annotator").value.trim() || "anonymous", model: judged.model,
+    prompt: judged.prompt, responses: judged.responses, ranks, sampling: judged.sampling,
   };
-  // stored in this browser first: nothing is lost if the server is down or restarting
-  const pending = readPending();
-  pending.push(judgment);
-  localStorage.setItem(PENDING_KEY, JSON.stringify(pending));
+  enqueue("judgments", judgment);  // stored in this browser first: nothing is lost if the server is down or restarting
   clearComparison();
+  if (judgeMode) {
+    judgedHere.add(judged.key);
+    flush().then(() => loadJudge(judged.index));
+    return;
+  }
   if (promptIndex >= 0 && promptIndex < prompts.length - 1) showPrompt(promptIndex + 1);
   flush();
 }
 
-function readPending() {
-  try { return JSON.parse(localStorage.getItem(PENDING_KEY) || "[]"); } catch (e) { return []; }
+function readPending(name) {
+  try { return JSON.parse(localStorage.getItem(QUEUES[name].key) || "[]"); } catch (e) { return []; }
 }
 
-let flushing = false, retryTimer = null;
+function enqueue(name, item) {
+  localStorage.setItem(QUEUES[name].key, JSON.stringify([...readPending(name), item]));
+}
 
-// Send every pending judgment; each leaves the queue only once the server has stored it (ids make retries safe).
-async function flush() {
-  if (flushing) return;
-  flushing = true;
-  clearTimeout(retryTimer);
+const flushing = {}, retryTimers = {};
+
+function flush() {
+  return Promise.all(Object.keys(QUEUES).map(flushQueue));
+}
+
+// Send every pending item of a queue; each leaves it only once the server has stored it (ids make retries safe).
+async function flushQueue(name) {
+  const queue = QUEUES[name];
+  if (flushing[name]) return;
+  flushing[name] = true;
+  clearTimeout(retryTimers[name]);
   let total = null, problem = null;
+  const drop = (id) => localStorage.setItem(queue.key, JSON.stringify(readPending(name).filter((item) => item.id !== id)));
   try {
-    for (const judgment of readPending()) {
+    for (const item of readPending(name)) {
       let response;
       try {
-        response = await fetch("/api/feedback", { method: "POST", headers: headers(), body: JSON.stringify(judgment) });
+        response = await fetch(queue.url, { method: "POST", headers: headers(), body: JSON.stringify(item) });
       } catch (e) {
         problem = "the server is unreachable"; break;
       }
       if (response.ok) {
         total = (await response.json()).total;
-        localStorage.setItem(PENDING_KEY, JSON.stringify(readPending().filter((j) => j.id !== judgment.id)));
+        drop(item.id);
       } else if (response.status === 400 || response.status === 422) {
-        problem = "the server refused a judgment: " + await errorText(response);  // kept for a look, not resent forever
-        localStorage.setItem(PENDING_KEY, JSON.stringify(readPending().filter((j) => j.id !== judgment.id)));
-        localStorage.setItem("alignkit.refusedJudgments", JSON.stringify([...JSON.parse(localStorage.getItem("alignkit.refusedJudgments") || "[]"), judgment]));
+        problem = "the server refused one: " + await errorText(response);  // kept for a look, not resent forever
+        drop(item.id);
+        localStorage.setItem(queue.refusedKey, JSON.stringify([...JSON.parse(localStorage.getItem(queue.refusedKey) || "[]"), item]));
       } else {
         problem = await errorText(response); break;
       }
     }
   } finally {
-    flushing = false;
+    flushing[name] = false;
   }
-  const left = readPending().length;
-  const status = $("feedback-status");
+  const left = readPending(name).length;
+  const status = $(queue.status);
   status.dataset.pending = String(left);
   if (left) {
-    status.textContent = left + " judgment(s) waiting to be sent (" + problem + "); retrying…";
-    retryTimer = setTimeout(flush, 1000);
+    status.textContent = left + " " + queue.noun + " waiting to be sent (" + problem + "); retrying…";
+    retryTimers[name] = setTimeout(() => flushQueue(name), 1000);
   } else if (problem) {
     status.textContent = problem;
   } else if (total !== null) {
-    status.textContent = "saved ✓ — " + total + " judgment(s) stored";
+    status.textContent = "saved ✓ — " + total + " " + queue.noun + " stored";
     status.dataset.total = String(total);
   }
+}
+
+// ------------------------------------------------------------------------------------------ judge mode
+
+// Ask the server for progress and the next unjudged item after queue index `after`; show it.
+async function loadJudge(after) {
+  let status;
+  try {
+    const response = await fetch("/api/judge?after=" + after, { headers: headers() });
+    if (!response.ok) return;
+    status = await response.json();
+  } catch (e) {
+    if (judgeMode) $("judge-progress").textContent = "the server is unreachable (the pipeline may have all it needs)";
+    return;
+  }
+  if (!status.active) return;
+  if (!judgeMode) {
+    judgeMode = true;
+    $("free-compare").classList.add("hidden");
+    $("judge-panel").classList.remove("hidden");
+    showView("compare-view");
+  }
+  const progress = $("judge-progress");
+  progress.textContent = status.judged + " of " + status.needed + " comparisons" + (status.item ? "" : " — all done, thank you");
+  progress.dataset.judged = String(status.judged);
+  const item = status.item;
+  if (item && judgedHere.has(item.key)) {  // judged here, still on its way to the store: ask again shortly
+    setTimeout(() => loadJudge(after), 500);
+    return;
+  }
+  clearComparison();
+  judgeItem = item;
+  $("judge-prompt").textContent = item ? item.prompt[item.prompt.length - 1].content : "";
+  if (!item) return;
+  comparison = { prompt: item.prompt, responses: item.responses, sampling: { judge_queue: true }, model: modelId, index: item.index, key: item.key };
+  renderComparison();
+}
+
+// ------------------------------------------------------------------------------------------ demonstrations
+
+function startDemonstration() {
+  const prompt = judgeMode ? (judgeItem ? judgeItem.prompt[judgeItem.prompt.length - 1].content : "") : $("compare-prompt").value.trim();
+  if (prompt) $("demo-prompt").value = prompt;
+  showView("demo-view");
+  $("demo-answer").focus();
+}
+
+function submitDemonstration() {
+  const prompt = $("demo-prompt").value.trim(), answer = $("demo-answer").value.trim();
+  if (!prompt || !answer) { $("demo-status").textContent = "write a prompt and an answer first"; return; }
+  enqueue("demonstrations", {
+    id: newId(), annotator: $("set-annotator").value.trim() || "anonymous", model: modelId,
+    prompt: withSystem([{ role: "user", content: prompt }]), completion: answer,
+  });
+  $("demo-answer").value = "";
+  flushQueue("demonstrations");
 }
 
 // ------------------------------------------------------------------------------------------ wiring
@@ -337,7 +417,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("submit-ranking").addEventListener("click", () => {
     judge(Array.from(document.querySelectorAll("#compare-responses select.rank"), (s) => parseInt(s.value, 10)));
   });
+  $("judge-skip").addEventListener("click", () => loadJudge(judgeItem ? judgeItem.index : -1));
+  $("judge-demo").addEventListener("click", startDemonstration);
+  $("demo-submit").addEventListener("click", submitDemonstration);
   $("set-api-key").addEventListener("change", () => { connect(); flush(); });
   connect();
-  flush();  // judgments left from an earlier visit
+  flush();  // judgments and demonstrations left from an earlier visit
 });
