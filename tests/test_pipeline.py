@@ -243,3 +243,21 @@ def test_llm_judge_asks_both_orders_and_drops_position_bias():
     assert endpoint.calls == 6  # 3 pairs × 2 orders
     assert {(r["chosen"], r["rejected"]) for r in rows} == {("a longer one", "short"), ("mid size", "short"), ("a longer one", "mid size")}
     assert llm_preferences(items, "http://judge/v1", "m", None, client=FakeEndpoint(always_a=True)) == []  # "A" in both orders: no preference
+
+
+def test_human_judge_hands_the_samples_to_the_comparison_page(monkeypatch, tmp_path):
+    """The compare stage's `judge: human` path: the K samples go to collect_human_comparisons (the web page, tested in
+    test_web/test_serve); its preference rows come back unchanged."""
+    from alignkit.pipeline import human, judges
+
+    calls = []
+
+    def fake(model_dir, items, store, needed, host="127.0.0.1", port=0, **kwargs):
+        calls.append((model_dir, items, Path(store), needed, port))
+        return [{"prompt": items[0]["prompt"], "chosen": items[0]["responses"][1], "rejected": items[0]["responses"][0]}]
+
+    monkeypatch.setattr(human, "collect_human_comparisons", fake)
+    items = [{"prompt": "p", "completion": "ref", "responses": ["a", "b"]}]
+    rows = judges.human_preferences("RUN/sft", items, tmp_path / "human.sqlite", 3, 8008)
+    assert rows == [{"prompt": "p", "chosen": "b", "rejected": "a"}]
+    assert calls == [("RUN/sft", [{"prompt": "p", "responses": ["a", "b"]}], tmp_path / "human.sqlite", 3, 8008)]
