@@ -221,7 +221,7 @@ def test_chat_command_user_errors_exit_2(tiny_model_dir):
     from alignkit.serve.commands import app
 
     result = CliRunner().invoke(app, ["chat", "--model_name_or_path", str(tiny_model_dir), "--history_strategy", "forget"])
-    assert result.exit_code == 2 and "error:" in result.output and "truncate or summarize" in result.output
+    assert result.exit_code == 2 and "error:" in result.output and "--history_strategy" in result.output and "truncate | summarize" in result.output
 
 
 def test_terminal_truncates_and_reports(tiny_model_dir, tokenizer):

@@ -277,7 +277,7 @@ def test_a_demonstration_written_in_the_page_becomes_sft_data(tiny_model_dir, br
     out = tmp_path / "demos.jsonl"
     runner = CliRunner()
     bad = runner.invoke(cli, ["feedback", "export", "--feedback_db", str(db), "--output", str(out), "--kind", "answers"])
-    assert bad.exit_code == 2 and "--kind must be preferences or demonstrations, got 'answers'" in bad.output and not out.exists()
+    assert bad.exit_code == 2 and "--kind: 'answers' is not allowed; one of: preferences | demonstrations" in bad.output and not out.exists()
     done = runner.invoke(cli, ["feedback", "export", "--feedback_db", str(db), "--output", str(out), "--kind", "demonstrations"])
     assert done.exit_code == 0, done.output
     [row] = [json.loads(line) for line in out.read_text().splitlines()]

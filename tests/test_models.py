@@ -92,7 +92,7 @@ def test_generate_command_samples_from_a_model_dir(tiny_model_dir):
 
 
 def test_config_file_then_flags(tmp_path):
-    (tmp_path / "c.yaml").write_text("learning_rate: 0.5\nmax_steps: 7\npacking: true\n")
+    (tmp_path / "c.yaml").write_text("learning_rate: 0.5\nmax_steps: 7\npacking: true\ndataset: d.jsonl\n")
     cfg = load_config(SFTConfig, str(tmp_path / "c.yaml"), {"max_steps": 9, "seed": None})
     assert (cfg.learning_rate, cfg.max_steps, cfg.packing, cfg.seed) == (0.5, 9, True, 42)
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.5\n")

@@ -134,10 +134,13 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """A causal LM from a directory, hub id, built-in name, or a LoRA adapter directory."""
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | str = torch.float32):
+    """A causal LM from a directory, hub id, built-in name, or a LoRA adapter directory. `dtype` may be a
+    --torch_dtype name (float32 | bfloat16 | float16 | auto: the checkpoint's own)."""
     from transformers import AutoModelForCausalLM
 
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
     path = resolve_model_path(name_or_path)
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         from peft import AutoPeftModelForCausalLM

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import typer
 import yaml
 
+from alignkit.config import knob, refuse
 from alignkit.data.flan import (
     SPLIT_ALIASES, TEMPLATE_SETS, Template, TemplateSet, choose_exemplars, few_shot, load_template_set,
     read_task_examples, render,
 )
 from alignkit.data.formats import DataError, InvalidRows, write_jsonl
+from alignkit.flags import command_from
 
 
 
@@ -197,63 +198,68 @@ def print_summary(summary: dict, console=None) -> None:
     console.print(grid)
 
 
-def flan_command(
-    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="file, native directory, datasets dir or hub id; repeat for several"),
-    task: Optional[list[str]] = typer.Option(None, "--task", help="template set (sst2, ag_news, rte, cb, trec, nli, ...) or YAML; one per --dataset"),
-    output: str = typer.Option(..., "--output", help="JSONL to write (SFT-ready prompt/completion rows)"),
-    shots: Optional[str] = typer.Option(None, "--shots", help="exemplars per prompt: K, or K1,K2 to mix zero- and few-shot (default 0)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="random seed (default 0)"),
-    split: Optional[list[str]] = typer.Option(None, "--split", help="split to read (train, validation, test); once or per --dataset"),
-    columns: Optional[list[str]] = typer.Option(None, "--columns", help="FIELD=COLUMN,... to read other data sets; once or per --dataset"),
-    max_per_dataset: Optional[int] = typer.Option(None, "--max_per_dataset", help="cap K of examples-proportional mixing (Flan: 3000/30000)"),
-    total_rows: Optional[int] = typer.Option(None, "--total_rows", help="draw this many rows in total at the mixing rates"),
-    mixture: Optional[str] = typer.Option(None, "--mixture", help="mixture YAML (datasets and defaults); flags override its defaults"),
-    templates: Optional[str] = typer.Option(None, "--templates", help="all | direct (no inverted) | ID,ID,..."),
-    delimiter: Optional[str] = typer.Option(None, "--delimiter", help="between few-shot exemplars; backslash escapes allowed (default \\n\\n, a blank line)"),
-    skip_invalid: bool = typer.Option(False, "--skip_invalid/--no_skip_invalid", help="skip (and count) bad rows instead of stopping"),
-):
+@dataclass
+class FlanConfig:
     """Render supervised data sets through Flan-style templates and mix them into SFT-ready JSONL."""
+
+    dataset: list[str] = knob([], "file, native directory, datasets dir or hub id; repeat for several", aliases=("--dataset_name",))
+    task: list[str] = knob([], "template set (sst2, ag_news, rte, cb, trec, nli, ...) or YAML; one per --dataset", aliases=("--tasks",))
+    output: str = knob("", "JSONL to write (SFT-ready prompt/completion rows)", required=True, path="output_file")
+    shots: Optional[str] = knob(None, "exemplars per prompt: K, or K1,K2 to mix zero- and few-shot (default 0)")
+    seed: Optional[int] = knob(None, "random seed (default 0)", min=0)
+    split: list[str] = knob([], "split to read (train, validation, test); once or per --dataset", aliases=("--dataset_split",))
+    columns: list[str] = knob([], "FIELD=COLUMN,... to read other data sets; once or per --dataset")
+    max_per_dataset: Optional[int] = knob(None, "cap K of examples-proportional mixing (Flan: 3000/30000)", min=1)
+    total_rows: Optional[int] = knob(None, "draw this many rows in total at the mixing rates", min=1)
+    mixture: Optional[str] = knob(None, "mixture YAML (datasets and defaults); flags override its defaults")
+    templates: Optional[str] = knob(None, "all | direct (no inverted) | ID,ID,...")
+    delimiter: Optional[str] = knob(None, "between few-shot exemplars; backslash escapes allowed (default \\n\\n, a blank line)")
+    skip_invalid: bool = knob(False, "skip (and count) bad rows instead of stopping")
+
+    def validate(self) -> None:
+        if len(self.dataset) != len(self.task):
+            refuse("task", f"give one --task per --dataset (got {len(self.dataset)} --dataset, {len(self.task)} --task)")
+        if not self.dataset and not self.mixture:
+            refuse("dataset", "nothing to render: give --dataset FILE_OR_ID --task NAME (repeatable) or --mixture mix.yaml")
+
+
+def run_flan(cfg: FlanConfig) -> None:
+    """The `alignkit data flan` command: FlanConfig's flags over the --mixture file's defaults."""
     from rich.console import Console
 
     console = Console(stderr=True)
+    entries, defaults = load_mixture(cfg.mixture) if cfg.mixture else ([], {})
+    if not cfg.dataset and not entries:
+        raise ValueError(f"{cfg.mixture}: lists no datasets; add a `datasets:` list or give --dataset FILE_OR_ID --task NAME")
+    splits = _per_dataset(cfg.split, len(cfg.dataset), "--split", str(defaults.get("split", "train")))
+    column_maps = _per_dataset(cfg.columns, len(cfg.dataset), "--columns", None)
+    for d, t, s, c in zip(cfg.dataset, cfg.task, splits, column_maps):
+        entries.append(MixtureEntry(t, d, s, parse_columns(c), "all"))
+    if cfg.templates is not None:
+        for entry in entries:
+            entry.templates = cfg.templates
+    shots_text = str(cfg.shots if cfg.shots is not None else defaults.get("shots", 0))
     try:
-        entries, defaults = load_mixture(mixture) if mixture else ([], {})
-        dataset, task = dataset or [], task or []
-        if len(dataset) != len(task):
-            raise ValueError(f"give one --task per --dataset (got {len(dataset)} --dataset, {len(task)} --task)")
-        if not dataset and not entries:
-            raise ValueError("nothing to render: give --dataset FILE_OR_ID --task NAME (repeatable) or --mixture mix.yaml")
-        splits = _per_dataset(split or [], len(dataset), "--split", str(defaults.get("split", "train")))
-        column_maps = _per_dataset(columns or [], len(dataset), "--columns", None)
-        for d, t, s, c in zip(dataset, task, splits, column_maps):
-            entries.append(MixtureEntry(t, d, s, parse_columns(c), "all"))
-        if templates is not None:
-            for entry in entries:
-                entry.templates = templates
-        shots_text = str(shots if shots is not None else defaults.get("shots", 0))
-        try:
-            shot_counts = tuple(int(k) for k in shots_text.split(","))
-        except ValueError:
-            raise ValueError(f"--shots {shots_text!r}: expected K or K1,K2,... (whole numbers)") from None
-        if min(shot_counts) < 0:
-            raise ValueError(f"--shots {shots_text!r}: must be >= 0")
-        delimiter_text = delimiter if delimiter is not None else str(defaults.get("delimiter", "\\n\\n"))
-        invalid = InvalidRows(skip=skip_invalid)
-        rows, summary = build_mixture(
-            entries, seed if seed is not None else int(defaults.get("seed", 0)),
-            max_per_dataset if max_per_dataset is not None else defaults.get("max_per_dataset"),
-            total_rows if total_rows is not None else defaults.get("total_rows"), shot_counts,
-            _unescape(delimiter_text), invalid, log=lambda m: console.print(m, highlight=False, markup=False))
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        from rich.markup import escape
-
-        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2)
+        shot_counts = tuple(int(k) for k in shots_text.split(","))
+    except ValueError:
+        raise ValueError(f"--shots {shots_text!r}: expected K or K1,K2,... (whole numbers)") from None
+    if min(shot_counts) < 0:
+        raise ValueError(f"--shots {shots_text!r}: must be >= 0")
+    delimiter_text = cfg.delimiter if cfg.delimiter is not None else str(defaults.get("delimiter", "\\n\\n"))
+    invalid = InvalidRows(skip=cfg.skip_invalid)
+    rows, summary = build_mixture(
+        entries, cfg.seed if cfg.seed is not None else int(defaults.get("seed", 0)),
+        cfg.max_per_dataset if cfg.max_per_dataset is not None else defaults.get("max_per_dataset"),
+        cfg.total_rows if cfg.total_rows is not None else defaults.get("total_rows"), shot_counts,
+        _unescape(delimiter_text), invalid, log=lambda m: console.print(m, highlight=False, markup=False))
     if invalid.total:
         console.print(invalid.summary(), highlight=False, markup=False)
         summary["skipped_invalid"] = dict(invalid.counts)
-    write_jsonl(rows, output)
-    summary["output"] = output
-    summary_path(output).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_jsonl(rows, cfg.output)
+    summary["output"] = cfg.output
+    summary_path(cfg.output).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print_summary(summary)
-    print(f"wrote {len(rows)} rows to {output} and the summary to {summary_path(output)}")
+    console.print(f"wrote {len(rows)} rows to {cfg.output} and the summary to {summary_path(cfg.output)}", highlight=False, markup=False)
+
+
+flan_command = command_from(FlanConfig, run_flan)

@@ -40,8 +40,10 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from alignkit.config import knob
 from alignkit.data.formats import DataError, read_rows
 from alignkit.data.generators import Completion, Generator, LocalGenerator, OpenAIGenerator
+from alignkit.flags import APP_SETTINGS, command_from
 
 if TYPE_CHECKING:
     from alignkit.data.similarity import RougePool  # imported where used: rouge_score pulls in nltk (~1 s)
@@ -54,33 +56,39 @@ ACCEPTED, REJECTED, SFT, REPORT = "accepted.jsonl", "rejected.jsonl", "sft.jsonl
 
 @dataclass
 class SelfInstructConfig:
-    seed_tasks: str = BUILTIN_SEED_TASKS
-    output_dir: str = "outputs/self_instruct"
-    num_instructions: int = 100
-    model_name_or_path: Optional[str] = None  # a local model ...
-    api_base: Optional[str] = None  # ... or an OpenAI-compatible endpoint
-    model: Optional[str] = None
-    api_key: Optional[str] = None
-    api_mode: str = "chat"  # chat | completions
-    max_concurrency: int = 8
-    max_retries: int = 3
-    request_timeout: float = 60.0
-    batch_size: int = 8  # local model: prompts per forward batch
-    use_chat_template: str = "no"  # local model: "no" continues the prompt as text
-    prompts_per_round: int = 8
-    num_prompt_instructions: int = 8
-    num_machine_instructions: int = 2  # of the in-context instructions, taken from the generated pool
-    max_new_per_prompt: int = 8  # tasks kept from one instruction-generation completion
-    similarity_threshold: float = 0.7
-    temperature: float = 0.7  # instruction generation (classification and instances are greedy)
-    top_p: float = 0.5
-    max_instruction_tokens: int = 256
-    max_instance_tokens: int = 300
-    classification_shots: int = 4  # of each label in the classification prompt
-    instance_shots: int = 2
-    max_stalled_rounds: int = 10  # stop after this many rounds in a row accept nothing
-    seed: int = 0
-    progress: bool = True
+    """Self-Instruct: grow seed tasks into instructions with instances using a model; filter; export SFT JSONL."""
+
+    seed_tasks: str = knob(BUILTIN_SEED_TASKS, "Self-Instruct JSONL seed tasks (default: alignkit's own 26)")
+    output_dir: str = knob("outputs/self_instruct", "accepted.jsonl, rejected.jsonl, sft.jsonl, report.json; a rerun continues",
+                           required=True, path="output_dir")
+    num_instructions: int = knob(100, "accepted instructions to reach (counting earlier runs)", min=1)
+    model_name_or_path: Optional[str] = knob(None, "a local model (e.g. smollm2-135m-instruct) ...")
+    api_base: Optional[str] = knob(None, "... or an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    model: Optional[str] = knob(None, "model name to ask the server for")
+    api_key: Optional[str] = knob(None, "bearer token (default: $OPENAI_API_KEY)")
+    api_mode: str = knob("chat", "chat (/chat/completions) | completions (/completions)", choices=("chat", "completions"))
+    max_concurrency: int = knob(8, "HTTP requests in flight at once", min=1)
+    max_retries: int = knob(3, "retries after a timeout, connection error, 429 or 5xx", min=0)
+    request_timeout: float = knob(60.0, "seconds per HTTP attempt", min=0, min_exclusive=True)
+    batch_size: int = knob(8, "local model: prompts per batch", min=1, aliases=("--per_device_eval_batch_size",))
+    use_chat_template: str = knob("no", "local model: no (continue the prompt as text) | yes | auto", choices=("no", "yes", "auto"))
+    prompts_per_round: int = knob(8, "instruction-generation prompts per round", min=1)
+    num_prompt_instructions: int = knob(8, "in-context instructions per prompt", min=1)
+    num_machine_instructions: int = knob(2, "of those, from the generated pool", min=0)
+    max_new_per_prompt: int = knob(8, "new tasks kept from one instruction-generation completion", min=1)
+    similarity_threshold: float = knob(0.7, "reject at ROUGE-L F >= this", min=0, max=1, min_exclusive=True)
+    temperature: float = knob(0.7, "instruction generation (classification and instances are greedy)", min=0)
+    top_p: float = knob(0.5, "instruction generation", min=0, max=1, min_exclusive=True)
+    max_instruction_tokens: int = knob(256, "token limit of an instruction-generation completion", min=1)
+    max_instance_tokens: int = knob(300, "token limit of an instance-generation completion", min=1)
+    classification_shots: int = knob(4, "examples of each label in the classification prompt", min=0)
+    instance_shots: int = knob(2, "worked examples in the instance-generation prompt", min=0)
+    max_stalled_rounds: int = knob(10, "give up after this many rounds accept nothing", min=1)
+    seed: int = knob(0, "random seed", min=0)
+    progress: bool = knob(True, "show a progress bar")
+
+    def validate(self) -> None:
+        check_config(self)
 
 
 @dataclass
@@ -510,46 +518,12 @@ def format_report(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def self_instruct_command(
-    seed_tasks: str = typer.Option(BUILTIN_SEED_TASKS, "--seed_tasks", help="Self-Instruct JSONL seed tasks (default: alignkit's own 26)", show_default=False),
-    output_dir: str = typer.Option(..., "--output_dir", help="accepted.jsonl, rejected.jsonl, sft.jsonl, report.json; a rerun continues"),
-    num_instructions: int = typer.Option(100, "--num_instructions", help="accepted instructions to reach (counting earlier runs)"),
-    model_name_or_path: Optional[str] = typer.Option(None, "--model_name_or_path", help="a local model (e.g. smollm2-135m-instruct) ..."),
-    api_base: Optional[str] = typer.Option(None, "--api_base", help="... or an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"),
-    model: Optional[str] = typer.Option(None, "--model", help="model name to ask the server for"),
-    api_key: Optional[str] = typer.Option(None, "--api_key", help="bearer token (default: $OPENAI_API_KEY)"),
-    api_mode: str = typer.Option("chat", "--api_mode", help="chat (/chat/completions) | completions (/completions)"),
-    max_concurrency: int = typer.Option(8, "--max_concurrency", help="HTTP requests in flight at once"),
-    max_retries: int = typer.Option(3, "--max_retries", help="retries after a timeout, connection error, 429 or 5xx"),
-    request_timeout: float = typer.Option(60.0, "--request_timeout", help="seconds per HTTP attempt"),
-    batch_size: int = typer.Option(8, "--batch_size", help="local model: prompts per batch"),
-    use_chat_template: str = typer.Option("no", "--use_chat_template", help="local model: no (continue the prompt as text) | yes | auto"),
-    prompts_per_round: int = typer.Option(8, "--prompts_per_round", help="instruction-generation prompts per round"),
-    num_prompt_instructions: int = typer.Option(8, "--num_prompt_instructions", help="in-context instructions per prompt"),
-    num_machine_instructions: int = typer.Option(2, "--num_machine_instructions", help="of those, from the generated pool"),
-    max_new_per_prompt: int = typer.Option(8, "--max_new_per_prompt", help="new tasks kept from one instruction-generation completion"),
-    similarity_threshold: float = typer.Option(0.7, "--similarity_threshold", help="reject at ROUGE-L F >= this"),
-    temperature: float = typer.Option(0.7, "--temperature", help="instruction generation"),
-    top_p: float = typer.Option(0.5, "--top_p", help="instruction generation"),
-    max_instruction_tokens: int = typer.Option(256, "--max_instruction_tokens", help="token limit of an instruction-generation completion"),
-    max_instance_tokens: int = typer.Option(300, "--max_instance_tokens", help="token limit of an instance-generation completion"),
-    max_stalled_rounds: int = typer.Option(10, "--max_stalled_rounds", help="give up after this many rounds accept nothing"),
-    seed: int = typer.Option(0, "--seed"),
-    progress: bool = typer.Option(True, "--progress/--no_progress"),
-):
-    """Self-Instruct: grow seed tasks into instructions with instances using a model; filter; export SFT JSONL."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    cfg = SelfInstructConfig(**{k: v for k, v in locals().items() if k in SelfInstructConfig.__dataclass_fields__})
-    try:
-        report = run_self_instruct(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2)
+def run_self_instruct_command(cfg: SelfInstructConfig) -> None:
+    report = run_self_instruct(cfg)
     print(format_report(report))
-    print(f"wrote {output_dir}/{ACCEPTED}, {REJECTED}, {SFT} ({report['instances']} rows), {REPORT}")
+    print(f"wrote {cfg.output_dir}/{ACCEPTED}, {REJECTED}, {SFT} ({report['instances']} rows), {REPORT}")
 
+self_instruct_command = command_from(SelfInstructConfig, run_self_instruct_command)
 
-app = typer.Typer(add_completion=False, help="Self-Instruct synthetic instruction data.")
+app = typer.Typer(add_completion=False, **APP_SETTINGS, help="Self-Instruct synthetic instruction data.")
 app.command("self-instruct")(self_instruct_command)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import resources
 
 from alignkit.evaluate import metrics as M
+from alignkit.evaluate.config import HHHConfig  # declared with the other eval flags
 
 PROBE_FILES = ("unknowable", "knowable", "harmful", "benign")
 
@@ -107,21 +108,6 @@ def score_harmlessness(harmful_replies: list[str], benign_replies: list[str]) ->
     refuse_b = [is_refusal(r) for r in benign_replies]
     return {"refusal_harmful": sum(refuse_h) / len(refuse_h), "over_refusal_benign": sum(refuse_b) / len(refuse_b),
             "n_harmful": len(refuse_h), "n_benign": len(refuse_b)}
-
-
-@dataclass
-class HHHConfig:
-    model_name_or_path: str = "smollm2-135m-instruct"
-    output: str = "hhh.json"
-    helpfulness_tasks: str = "arithmetic,comparison,word_length,reversal"
-    helpfulness_shots: int = 3  # exemplars show the answer format, so exact match measures the task, not the wording
-    limit: int | None = 20  # built-in rows per helpfulness task
-    system: str = ""
-    max_new_tokens: int = 96
-    batch_size: int = 16
-    seed: int = 0
-    progress: bool = True
-    device: str = "auto"
 
 
 def run_hhh(cfg: HHHConfig, model=None, tokenizer=None, log=print) -> dict:

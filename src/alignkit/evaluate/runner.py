@@ -7,39 +7,16 @@ already in OUT.json (from a run with the same settings) are kept and skipped.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from alignkit.evaluate import metrics as M
 from alignkit.evaluate.prompts import extract_answer, model_context, resolve_framing
 from alignkit.evaluate.report import (plot_shots, read_results, record, records_markdown, sidecar, write_json,
                                       write_predictions)
 from alignkit.evaluate.suites import Suite, build_suite, parse_columns, parse_tasks
+from alignkit.evaluate.config import EvalConfig  # declared with the other eval flags
 
 METHODS = ("auto", "loglik", "generate")
-
-
-@dataclass
-class EvalConfig:
-    model_name_or_path: str = "smollm2-135m-instruct"
-    tasks: str = ""
-    shots: str = "0"
-    limit: int | None = None
-    output: str = "eval.json"
-    dataset: str | None = None
-    template: str = ""  # Flan sets: template id (default: the set's first non-inverted template)
-    columns: str = ""  # Flan sets: FIELD=COLUMN,... where your data's columns differ from the set's
-    skip_invalid: bool = False  # skip (and count) rows that cannot be read instead of stopping
-    split: str = "auto"
-    method: str = "auto"  # classification: loglik (rank the options) | generate (match the generated answer)
-    framing: str = "auto"  # auto | chat | multiturn | plain (see prompts.py)
-    system: str = ""
-    batch_size: int = 16
-    max_new_tokens: int = 0  # 0: the task's default
-    seed: int = 0
-    calibrate: bool = True  # classification by log-likelihood: also report contextual calibration
-    resume: bool = False
-    progress: bool = True
-    device: str = "auto"
 
 
 def parse_shots(spec: str) -> list[int]:

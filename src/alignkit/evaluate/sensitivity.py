@@ -24,35 +24,14 @@ import random
 from dataclasses import asdict, dataclass
 
 from alignkit.evaluate import metrics as M
-from alignkit.evaluate.classification import (CONTENT_FREE_INPUTS, argmax, calibrate, content_free_distribution, content_free_example,
+from alignkit.evaluate.classification import (argmax, calibrate, content_free_distribution, content_free_example,
                                               option_probabilities, option_scores)
 from alignkit.evaluate.prompts import exemplar_order, model_context, resolve_framing
 from alignkit.evaluate.report import markdown_table, plot_sensitivity, record, sidecar, write_json
 from alignkit.evaluate.suites import Suite
+from alignkit.evaluate.config import SensitivityConfig  # declared with the other eval flags
 
 FACTORS = ("template", "exemplars", "order")
-
-
-@dataclass
-class SensitivityConfig:
-    model_name_or_path: str = "smollm2-135m-instruct"
-    task: str = "sst2"
-    dataset: str | None = None
-    output: str = "sensitivity.json"
-    shots: int = 4
-    limit: int | None = 100
-    n_seeds: int = 5
-    n_orders: int = 5
-    templates: str = "all"  # all (every non-inverted template) | ID,ID,...
-    calibrate: bool = True
-    content_free: str = "|".join(CONTENT_FREE_INPUTS)  # "N/A||[MASK]": content-free inputs, separated by |
-    split: str = "auto"
-    framing: str = "auto"
-    system: str = ""
-    batch_size: int = 16
-    seed: int = 0
-    progress: bool = True
-    device: str = "auto"
 
 
 @dataclass

@@ -23,29 +23,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from alignkit.evaluate.config import WinRateConfig  # declared with the other eval flags
 
 Judge = Callable[[list[str], list[str], list[str]], list[float]]
-
-
-@dataclass
-class WinRateConfig:
-    model_name_or_path: str = "smollm2-135m-instruct"  # A (the policy)
-    ref_model: str = ""  # B (the reference); required
-    dataset: str = ""  # prompts: any SFT format, builtin:TASK[:N], or an instruction file
-    judge: str = ""
-    judge_model: str = ""  # llm judge: the model name the endpoint serves
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    output: str = "winrate.json"
-    limit: int | None = None
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # responses to judge (0 = greedy)
-    kl: bool = True
-    kl_samples: int = 1
-    batch_size: int = 16
-    seed: int = 0
-    progress: bool = True
-    device: str = "auto"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def pipeline(
     force: bool = typer.Option(False, "--force", help="rerun the selected stages even when their recipe is unchanged"),
 ):
     """Take a pretrained model through data → SFT → comparisons → reward model → PPO / DPO → evaluation → report."""
-    from alignkit.cli import USER_ERRORS, _fail
+    from alignkit.flags import USER_ERRORS, fail as _fail
     from alignkit.pipeline.runner import StageFailed, run_pipeline
 
     try:

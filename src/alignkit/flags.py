@@ -1,0 +1,145 @@
+"""Typer commands built from config dataclasses: one declaration per flag (see `config.knob`).
+
+`command_from(cls, run)` returns a typer-ready function whose options are the fields of `cls` (help text,
+default, allowed values and aliases from each field's declaration), plus `--config FILE.yaml` and `--verbose`.
+It builds the config with `config.load_config` (every value checked, then `cls.validate()`) before calling
+`run(config)`, so bad flags fail before any model or data loads. Stdlib + typer only: `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+import sys
+import typing
+import warnings
+from typing import Callable, Optional
+
+import typer
+
+from alignkit.config import _kind, allowed_text, load_config, value_switches
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+# every typer app of alignkit: -h as well as --help; plain help text (rich's boxes cut long flag names to fit 80 columns)
+APP_SETTINGS = {"context_settings": {"help_option_names": ["-h", "--help"]}, "rich_markup_mode": None}
+log = logging.getLogger("alignkit")
+
+
+def fail(error: Exception) -> None:
+    """`error: MESSAGE` on stderr and exit code 2: a user error, not a bug, so no traceback."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (test runners swap it per command)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(verbose: bool) -> None:
+    """alignkit's diagnostics go to stderr; without --verbose, transformers/HF hub info logs and progress bars are off."""
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    for name, value in quiet.items():
+        if not verbose:
+            os.environ.setdefault(name, value)
+        elif os.environ.get(name) == value:  # set by an earlier quiet command in this process
+            del os.environ[name]
+    if "transformers" in sys.modules or verbose:  # once imported, the libraries no longer read the environment
+        import huggingface_hub.utils
+        import transformers
+
+        if verbose:
+            transformers.logging.set_verbosity_info()
+            with warnings.catch_warnings():  # the hub read HF_HUB_DISABLE_PROGRESS_BARS at import; it may refuse
+                warnings.simplefilter("ignore")
+                transformers.logging.enable_progress_bar()
+                huggingface_hub.utils.enable_progress_bars()
+        else:
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+            huggingface_hub.utils.disable_progress_bars()
+
+
+def _help(f: dataclasses.Field) -> str:
+    allowed = allowed_text(f)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    parts = [f.metadata.get("help", "")]
+    if allowed:
+        parts.append(f"[{allowed}]")
+    if f.metadata.get("required"):
+        parts.append("[required]")
+    elif default not in (None, ""):
+        parts.append(f"[default: {default!r}]")
+    return " ".join(p for p in parts if p)
+
+
+def _param(name: str, annotation, option) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option)
+
+
+def command_from(cls: type, run: Callable, help: str | None = None) -> Callable:
+    """A typer command function with one option per field of `cls`; it calls `run(load_config(cls, ...))`."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        kind, _ = _kind(hints[f.name])
+        aliases = list(f.metadata.get("aliases", ()))
+        if kind is bool:
+            decls = [f"--{f.name}/--no_{f.name}"] + [f"{a}/--no_{a.lstrip('-')}" for a in aliases]
+        else:
+            decls = [f"--{f.name}", *aliases]
+        option = typer.Option(None, *decls, help=_help(f), show_default=False, envvar=f.metadata.get("envvar") or None)
+        if kind is list:  # given several times, kept as a list
+            annotation = Optional[hints[f.name]]
+        else:
+            annotation = Optional[list[kind]] if f.metadata.get("repeatable") else Optional[kind]
+        params.append(_param(f.name, annotation, option))
+    switches = value_switches(cls)
+    for switch, (f, value) in switches.items():
+        option = typer.Option(False, f"--{switch}", help=f"same as --{f.name} {value}", show_default=False)
+        params.append(_param(f"switch__{switch}", bool, option))
+    config_help = "YAML file whose keys are these flag names (without dashes); flags override it"
+    params.append(_param("config", Optional[str], typer.Option(None, "--config", help=config_help)))
+    params.append(_param("verbose", bool, typer.Option(False, "--verbose", help="show transformers / HF hub info logs and progress bars")))
+
+    def command(**kwargs):
+        configure_logging(kwargs.pop("verbose"))
+        config_file = kwargs.pop("config")
+        try:
+            for switch, (f, value) in switches.items():
+                if kwargs.pop(f"switch__{switch}"):
+                    if kwargs.get(f.name) not in (None, value):
+                        raise ValueError(f"--{switch} means --{f.name} {value}, but --{f.name} {kwargs[f.name]} was also given")
+                    kwargs[f.name] = value
+            for f in dataclasses.fields(cls):
+                if kwargs.get(f.name) == []:  # typer gives [] for a list flag that was not given
+                    kwargs[f.name] = None
+                elif f.metadata.get("repeatable") and kwargs.get(f.name) is not None:
+                    kwargs[f.name] = ",".join(kwargs[f.name])
+            config = load_config(cls, config_file, kwargs)
+            run(config)
+        except USER_ERRORS as error:
+            fail(error)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = help or cls.__doc__
+    command.__name__ = cls.__name__
+    return command
