@@ -261,3 +261,28 @@ def test_human_judge_hands_the_samples_to_the_comparison_page(monkeypatch, tmp_p
     rows = judges.human_preferences("RUN/sft", items, tmp_path / "human.sqlite", 3, 8008)
     assert rows == [{"prompt": "p", "chosen": "b", "rejected": "a"}]
     assert calls == [("RUN/sft", [{"prompt": "p", "responses": ["a", "b"]}], tmp_path / "human.sqlite", 3, 8008)]
+
+
+def test_gold_reward_fn_is_logged_and_never_trained_on(tiny_model_dir, tmp_path):
+    """Two PPO iterations with and without --gold_reward_fn: the same weights (the gold is log-only), and gold_score is
+    the gold function's mean over the iteration's samples (here: the mean response length in characters)."""
+    from safetensors.torch import load_file
+
+    from alignkit.config import PPOConfig
+    from alignkit.data import tasks
+    from alignkit.data.formats import write_jsonl
+    from alignkit.train.ppo import run_ppo
+
+    write_jsonl(tasks.make_mixture(["arithmetic"], "train", 8, seed=0), tmp_path / "prompts.jsonl")
+    (tmp_path / "judges.py").write_text("def words(prompts, responses, **columns):\n    return [len(r.split()) for r in responses]\n"
+                                        "def chars(prompts, responses, **columns):\n    return [float(len(r)) for r in responses]\n")
+    rows = {}
+    for name, gold in (("plain", ""), ("gold", f"{tmp_path / 'judges.py'}:chars")):
+        run_ppo(PPOConfig(model_name_or_path=str(tiny_model_dir), dataset=str(tmp_path / "prompts.jsonl"), output_dir=str(tmp_path / name),
+                          reward_fn=f"{tmp_path / 'judges.py'}:words", gold_reward_fn=gold, max_steps=2, rollout_batch_size=4,
+                          mini_batch_size=4, num_ppo_epochs=1, max_new_tokens=6, learning_rate=1e-3, progress=False))
+        rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    plain, gold = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "gold" / "model.safetensors"))
+    assert all((plain[k] == gold[k]).all() for k in plain)
+    assert all("gold_score" not in r for r in rows["plain"]) and all(r["gold_score"] > 0 for r in rows["gold"])
+    assert [r["score"] for r in rows["plain"]] == [r["score"] for r in rows["gold"]]
