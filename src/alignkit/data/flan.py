@@ -210,12 +210,17 @@ def _read_txt(path: Path, pattern: Optional[str]) -> list[Row | DataError]:
     if pattern is None:
         raise DataError(str(path), "this template set reads no .txt files (no format with a line_pattern); use .jsonl/.csv")
     regex, items = re.compile(pattern), []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(path, "rb") as handle:  # bytes, so that a line that is not UTF-8 is one bad row
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
-            match = regex.match(line.rstrip("\n"))
             where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                items.append(DataError(where, f"not UTF-8 text ({error.reason} at byte {error.start + 1})", reason="not UTF-8"))
+                continue
+            match = regex.match(line.rstrip("\r\n"))
             bad = DataError(where, f"does not match the line format {pattern!r}", reason="malformed line")
             items.append(Row(match.groupdict(), where) if match else bad)
     return items

@@ -14,6 +14,7 @@ SFT formats (detected per file from the keys of its first row that fits one; in 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -113,35 +114,98 @@ def _read_builtin(source: str, split: str) -> list[Row]:
     return [Row(r, f"{source} ({split}) row {i + 1}") for i, r in enumerate(rows)]
 
 
+def _refuse_utf16(path: Path, head: bytes) -> None:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # Windows editors' "Unicode": every line would be a bad row
+        raise DataError(str(path), "is UTF-16 text; save it as UTF-8")
+
+
+def _loads(text: str, where: str, whole_file: bool = False) -> Any:
+    """json.loads, with every way a text fails to be one JSON value turned into a DataError naming `where`
+    (and the line, for a whole file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}:{error.lineno}" if whole_file else where,
+                        f"malformed JSON ({error.msg} at column {error.colno})", reason="malformed JSON") from None
+    except ValueError as error:  # an integer of more than 4300 digits (int_max_str_digits)
+        raise DataError(where, f"malformed JSON ({error})", reason="malformed JSON") from None
+    except RecursionError:
+        raise DataError(where, "malformed JSON (lists or objects nested too deeply)", reason="malformed JSON") from None
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any, name: str = "") -> str | None:
+    """The field holding a lone UTF-16 surrogate (JSON allows the escape "\\ud800"; no tokenizer or UTF-8 file takes it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return name or "(value)"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, name or "(key)") or _lone_surrogate(item, f"{name}.{key}" if name else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        return next(filter(None, (_lone_surrogate(item, f"{name}[{i}]") for i, item in enumerate(value))), None)
+    return None
+
+
+def _json_row(data: Any, escaped: bool, where: str, kind: str = "a JSON object") -> Row | DataError:
+    """`escaped`: its text has a surrogate escape (rare), so the row is searched for a lone one."""
+    if not isinstance(data, dict):
+        return DataError(where, f"expected {kind}, got {type(data).__name__}", reason="not a JSON object")
+    found = escaped and _lone_surrogate(data)
+    if found:
+        return DataError(where, "holds a lone surrogate escape (\\ud800-\\udfff without its pair), which is not text",
+                         field=found.encode("utf-8", "backslashreplace").decode(), reason="not Unicode text")
+    return Row(data, where)
+
+
 def _read_jsonl(path: Path) -> Iterator[Row | DataError]:
     with open(path, "rb") as handle:  # bytes, so that one line that is not UTF-8 is one bad row
+        _refuse_utf16(path, handle.read(2))
+        handle.seek(0)
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue  # a blank line holds no row, but counts: errors name physical lines
             where = f"{path}:{number}"
             try:
-                data = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                yield _json_row(_loads(text, where), bool(_SURROGATE_ESCAPE.search(text)), where)
             except UnicodeDecodeError as error:
                 yield DataError(where, f"not UTF-8 text ({error.reason} at byte {error.start + 1})", reason="not UTF-8")
-            except json.JSONDecodeError as error:
-                yield DataError(where, f"malformed JSON ({error.msg} at column {error.colno})", reason="malformed JSON")
-            else:
-                yield Row(data, where) if isinstance(data, dict) else DataError(where, f"expected a JSON object, got {type(data).__name__}", reason="not a JSON object")
+            except DataError as error:
+                yield error
+
+
+def _utf8_text(path: Path) -> str:
+    """The whole file as text; a byte that is not UTF-8 is named by its line."""
+    data = path.read_bytes()
+    _refuse_utf16(path, data)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}", f"not UTF-8 text ({error.reason}); save it as UTF-8") from None
 
 
 def _read_json(path: Path) -> Iterator[Row | DataError]:
+    text = _utf8_text(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as error:
-        hint = "a .json file holds one list of objects; for one object per line use .jsonl"
-        raise DataError(f"{path}:{error.lineno}", f"malformed JSON ({error.msg} at column {error.colno}); {hint}") from None
+        data = _loads(text, str(path), whole_file=True)
+    except DataError as error:
+        error.args = (f"{error}; a .json file holds one list of objects, for one object per line use .jsonl",)
+        raise
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(str(path), "a .json file must hold a list of objects (or {\"data\": [...]}); for one object per line use .jsonl")
+    escaped = bool(_SURROGATE_ESCAPE.search(text))  # once: searching the whole text per item would be quadratic
     for i, item in enumerate(data):
-        where = f"{path} item {i + 1}"
-        yield Row(item, where) if isinstance(item, dict) else DataError(where, f"expected an object, got {type(item).__name__}", reason="not a JSON object")
+        yield _json_row(item, escaped, f"{path} item {i + 1}", kind="an object")
 
 
 def _cell(key: str, value: str | None) -> Any:
@@ -149,30 +213,40 @@ def _cell(key: str, value: str | None) -> Any:
     if key in ("messages", "prompt", "completion") and re.match(r"\s*\[\s*\{", value or ""):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             pass  # stays a string: reported as the wrong type where a list is needed
     return value
 
 
+# a cell may hold a whole document; the csv module's default cap (128 KiB) would fail the file at it
+csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+
+
 def _read_csv(path: Path) -> Iterator[Row | DataError]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
-        reader = csv.DictReader(handle)  # line_num counts physical lines; the header is line 1
-        try:
-            for record in reader:  # a quoted cell may span lines: name the line where the row starts
-                start = reader.line_num - sum(v.count("\n") for v in record.values() if isinstance(v, str))
-                where = f"{path}:{start}"
-                if None in record:
-                    yield DataError(where, f"{len(record[None])} more value(s) than the header has columns", reason="malformed CSV row")
-                else:
-                    yield Row({key: _cell(key, value) for key, value in record.items()}, where)
-        except csv.Error as error:
-            raise DataError(f"{path}:{reader.line_num}", f"malformed CSV ({error})") from None
+    reader = csv.DictReader(io.StringIO(_utf8_text(path), newline=""))  # line_num counts physical lines; the header is line 1
+    try:
+        for record in reader:  # a quoted cell may span lines: name the line where the row starts
+            start = reader.line_num - sum(v.count("\n") for v in record.values() if isinstance(v, str))
+            where = f"{path}:{start}"
+            if None in record:
+                yield DataError(where, f"{len(record[None])} more value(s) than the header has columns", reason="malformed CSV row")
+            else:
+                cells = {key: _cell(key, value) for key, value in record.items()}
+                escaped = any(_SURROGATE_ESCAPE.search(v) for v in record.values() if isinstance(v, str))
+                yield _json_row(cells, escaped, where)
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num}", f"malformed CSV ({error})") from None
 
 
 def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    return [Row(r, f"{path} row {i + 1}") for i, r in enumerate(pq.read_table(path).to_pylist())]
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise DataError(str(path), f"not a readable Parquet file ({error})") from None
+    return [Row(r, f"{path} row {i + 1}") for i, r in enumerate(table.to_pylist())]
 
 
 def _read_datasets_dir(path: Path, split: str) -> list[Row]:
@@ -285,9 +359,13 @@ def validate_messages(messages: Any, where: str, field: str = "messages", need_f
 
 def _part(row: Row, name: str, role: str) -> list[tuple[str, dict]]:
     """The prompt or completion of a conversational row as messages; a plain string is one message."""
-    if isinstance(row.data.get(name), str):
+    value = row.data.get(name)
+    if isinstance(value, str):
         return [(name, {"role": role, "content": _string(row, name)})]
-    return _message_list(row.data.get(name), row.where, name)
+    if value is not None and not isinstance(value, list):
+        raise DataError(row.where, f"must be a string or a list of {{role, content}} objects, got {type(value).__name__}",
+                        field=name, reason=f"wrong type in '{name}'")
+    return _message_list(value, row.where, name)
 
 
 def sft_example(row: Row, fmt: str) -> dict:

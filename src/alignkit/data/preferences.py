@@ -64,25 +64,41 @@ def _ranking_pairs(row: Row, count: int) -> list[tuple[int, int]]:
     ranks = row.data.get("ranks")
     if ranks is None:
         return list(combinations(range(count), 2))  # listed best first
-    if not isinstance(ranks, list) or len(ranks) != count or not all(isinstance(r, (int, float)) for r in ranks):
-        raise DataError(row.where, f"must be a list of {count} numbers (one rank per response, lower is better)", field="ranks", reason="bad 'ranks'")
+    if not isinstance(ranks, list) or len(ranks) != count or not all(map(_is_number, ranks)):
+        raise DataError(row.where, f"must be a list of {count} finite numbers (one rank per response, lower is better)", field="ranks", reason="bad 'ranks'")
     pairs = [(i, j) if ranks[i] < ranks[j] else (j, i) for i, j in combinations(range(count), 2) if ranks[i] != ranks[j]]
     if not pairs:
         raise DataError(row.where, "all responses tie: no comparison to learn from", field="ranks", reason="all ties")
     return pairs
 
 
+def _is_number(value) -> bool:
+    """A finite int or float (JSON's NaN, Infinity and 1e999 are not; neither is true/false)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
+
+
+def _margin(row: Row) -> float:
+    margin = row.data.get("margin")
+    if margin is None:
+        return 0.0
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        problem = f"must be a number, got {type(margin).__name__}"
+    elif not abs(margin) <= 1e6:  # NaN, ±Infinity, 1e999, or an int too large for a float
+        problem = "must be a finite number of at most 1e6 in size"
+    else:
+        return float(margin)
+    raise DataError(row.where, f"{problem} (how much better chosen is)", field="margin", reason="bad 'margin'")
+
+
 def preference_example(row: Row) -> Preference:
     data = row.data
-    margin = data.get("margin", 0.0) or 0.0
-    if not isinstance(margin, (int, float)):
-        raise DataError(row.where, f"must be a number, got {type(margin).__name__}", field="margin", reason="wrong type in 'margin'")
+    margin = _margin(row)
     if "responses" in data:
         responses = data["responses"]
         if not isinstance(responses, list) or len(responses) < 2:
             raise DataError(row.where, "must be a list of at least 2 responses, best first", field="responses", reason="bad 'responses'")
         replies = [_reply(row, f"responses[{i}]", r) for i, r in enumerate(responses)]
-        return Preference(_prompt_messages(row), replies, _ranking_pairs(row, len(replies)), float(margin))
+        return Preference(_prompt_messages(row), replies, _ranking_pairs(row, len(replies)), margin)
     for name in ("chosen", "rejected"):
         if data.get(name) is None:
             raise DataError(row.where, "missing", field=name, reason=f"missing field '{name}'")
@@ -92,7 +108,7 @@ def preference_example(row: Row) -> Preference:
         prompt, chosen, rejected = _implicit(row)
     else:
         prompt, chosen, rejected = _prompt_messages(row), _reply(row, "chosen", data["chosen"]), _reply(row, "rejected", data["rejected"])
-    return Preference(prompt, [chosen, rejected], [(0, 1)], float(margin))
+    return Preference(prompt, [chosen, rejected], [(0, 1)], margin)
 
 
 def load_preferences(source: str, split: str = "train", invalid: InvalidRows | None = None) -> list[Preference]:

@@ -25,26 +25,34 @@ def _prompt_messages(row) -> tuple[list[dict] | None, str | None, str | None]:
     if "messages" in data:
         messages = validate_messages(data["messages"], row.where, need_final_assistant=False)
         if messages[-1]["role"] == "assistant":
-            return messages[:-1], None, messages[-1]["content"]
-        return messages, None, None
+            return _ending_with_user(messages[:-1], row, "messages"), None, messages[-1]["content"]
+        return _ending_with_user(messages, row, "messages"), None, None
     if "prompt" in data and "completion" not in data:
         if isinstance(data["prompt"], list):
-            return validate_messages(data["prompt"], row.where, "prompt", need_final_assistant=False), None, None
+            return _ending_with_user(validate_messages(data["prompt"], row.where, "prompt", need_final_assistant=False), row, "prompt"), None, None
         if not isinstance(data["prompt"], str) or not data["prompt"].strip():
             raise DataError(row.where, "must be a non-empty string or a list of messages", field="prompt", reason="bad 'prompt'")
         return [{"role": "user", "content": data["prompt"]}], None, None
     fmt = _format_of(row)
     if fmt is None or fmt == "text":
-        if "text" in data and isinstance(data["text"], str):
+        if "text" in data and isinstance(data["text"], str) and data["text"].strip():
             return None, data["text"], None
         raise DataError(row.where, f"no prompt in fields {sorted(data)}: expected {{'prompt'}} or {{'messages'}}", reason="no prompt")
     messages = sft_example(row, fmt)["messages"]
     return messages[:-1], None, messages[-1]["content"]
 
 
-def load_prompts(source: str, split: str, tokenizer, cfg: PPOConfig, verbose: bool = True) -> list[PromptExample]:
+def _ending_with_user(messages: list[dict], row, field: str) -> list[dict]:
+    """A prompt must end with a user turn (a system message alone gives the model nothing to answer)."""
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(row.where, "holds no user turn to answer (a prompt ends with a user message)", field=field, reason="no user turn")
+    return messages
+
+
+def load_prompts(source: str, split: str, tokenizer, cfg: PPOConfig, verbose: bool = True, counts: dict | None = None) -> list[PromptExample]:
     """Prompt-only rows ({"prompt"}, {"messages"} ending with a user turn) or any SFT format (the final
-    assistant turn becomes the `completion` column). Prompts over --max_prompt_length are dropped."""
+    assistant turn becomes the `completion` column). Prompts over --max_prompt_length are dropped.
+    `counts`, when given, receives how many rows were kept, skipped as invalid and dropped as too long."""
     invalid = InvalidRows(skip=cfg.skip_invalid)
     fmt = Formatting(cfg.use_chat_template, cfg.separator)
     examples, too_long = [], 0
@@ -67,6 +75,8 @@ def load_prompts(source: str, split: str, tokenizer, cfg: PPOConfig, verbose: bo
         print(f"prompts ({source}): {len(examples)} kept, {too_long} over --max_prompt_length {cfg.max_prompt_length} dropped")
     if invalid.total and verbose:
         print(invalid.summary())
+    if counts is not None:
+        counts.update(kept=len(examples), skipped=invalid.total, too_long=too_long)
     if not examples:
-        raise ValueError(f"{source}: no usable prompts")
+        raise DataError(source, f"no usable prompts ({invalid.total} invalid, {too_long} over --max_prompt_length {cfg.max_prompt_length})")
     return examples

@@ -250,6 +250,8 @@ def read_instructions(path: str) -> list[dict]:
             if not isinstance(output, str) or not output.strip():
                 raise DataError(row.where, "missing or empty reference output", field=f"instances[{i}].output")
             extra = instance.get("input") or ""
+            if not isinstance(extra, str):
+                raise DataError(row.where, "must be a string ('' for no input)", field=f"instances[{i}].input")
             prompt = f"{instruction.strip()}\n\n{extra.strip()}" if str(extra).strip() else instruction.strip()
             out.append({"prompt": prompt, "references": [output], "where": f"{row.where} instance {i}", "id": row.data.get("id")})
     return out

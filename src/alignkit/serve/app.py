@@ -45,6 +45,7 @@ from alignkit.serve.protocol import (
     ChatRequest,
     FeedbackIn,
     Message,
+    Text,
     chat_messages,
     engine_request,
     error_body,
@@ -156,14 +157,12 @@ def create_app(state: ServerState) -> FastAPI:
             stream = _stream(job, events, meta, sampling.n, prompt_tokens, include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts, reasons, tokens = [""] * sampling.n, [None] * sampling.n, 0
+        watcher = asyncio.create_task(_hang_up_watch(request, events))
         try:
             while any(r is None for r in reasons):
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
+                event = await events.get()
+                if event is HUNG_UP:
+                    return JSONResponse({}, status_code=499)  # nobody reads it; the finally frees the rows now
                 if isinstance(event, Failed):
                     raise ApiError(500, event.message, kind="server_error")
                 if isinstance(event, Delta):
@@ -171,6 +170,7 @@ def create_app(state: ServerState) -> FastAPI:
                 else:
                     reasons[event.index], tokens = event.reason, tokens + event.tokens
         finally:
+            watcher.cancel()
             job.cancel()  # a no-op once finished; frees the rows if the client went away
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
                    for i, (t, r) in enumerate(zip(texts, reasons))]
@@ -219,11 +219,11 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 class DemonstrationIn(BaseModel):
-    id: str
-    annotator: str
-    prompt: str | list[Message]
-    completion: str
-    model: str | None = None
+    id: Text
+    annotator: Text
+    prompt: Text | list[Message]
+    completion: Text
+    model: Text | None = None
 
 
 def _prompt_messages(prompt: str | list[Message]) -> list[dict]:
@@ -257,6 +257,18 @@ def _add_people_routes(app: FastAPI, state: ServerState, guarded: list) -> None:
         except ValueError as error:
             raise ApiError(400, str(error), str(error).split(":")[0]) from None
         return {"id": body.id, "stored": stored, "total": state.feedback.demonstration_count()}
+
+
+HUNG_UP = object()
+
+
+async def _hang_up_watch(request: Request, events: asyncio.Queue) -> None:
+    """Put HUNG_UP on `events` when the client disconnects. The body is read, so the next ASGI message is
+    the disconnect: waiting for it notices a hang-up at once, even while tokens keep coming (polling between
+    events would not run while they do)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait(HUNG_UP)
 
 
 async def _stream(job, events: asyncio.Queue, meta: dict, n: int, prompt_tokens: int, include_usage: bool):

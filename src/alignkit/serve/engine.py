@@ -209,8 +209,9 @@ class Engine:
         """
         taken, barrier = [], key is not None
         for job in list(self._waiting):
-            if job.cancelled:
+            if job.cancelled:  # its client left before it got a row
                 self._waiting.remove(job)
+                self.stats["cancelled"] += job.request.n
                 continue
             key = job.key if key is None else key
             if job.key != key and barrier:

@@ -6,11 +6,11 @@ offending field the way a client wrote it (`messages[2].role`, `max_tokens`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alignkit.data.formats import DataError, validate_messages
@@ -34,7 +34,10 @@ def error_response(status: int, message: str, **kwargs) -> JSONResponse:
 
 
 def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
-    first = error.errors()[0]
+    # the deepest error is the most specific: for `stop: str | list[str]` given ["\ud800"], the list item's
+    # complaint, not "should be a valid string"
+    errors = error.errors()
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
     param = ""
@@ -96,15 +99,28 @@ class _BodyTooLarge(StarletteHTTPException):
 # ------------------------------------------------------------------------------------------ request models
 
 
+def _unicode(value: str) -> str:
+    """JSON can escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer, SQLite or UTF-8 file takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate escape (\\ud800-\\udfff without its pair), which is not text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+SEED_RANGE = (-(2**63), 2**63)  # what torch.Generator.manual_seed takes (a 64-bit integer)
+
+
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[ContentPart] | None = None
+    role: Text
+    content: Text | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -113,15 +129,15 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # other clients' fields (user, metadata, ...) are ignored
-    model: str
+    model: Text
     messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
@@ -131,12 +147,12 @@ class ChatRequest(BaseModel):
 
 
 class FeedbackIn(BaseModel):
-    id: str
-    annotator: str
-    prompt: str | list[Message]
-    responses: list[str]
+    id: Text
+    annotator: Text
+    prompt: Text | list[Message]
+    responses: list[Text]
     ranks: list[int]
-    model: str | None = None
+    model: Text | None = None
     sampling: dict = Field(default_factory=dict)
 
 
