@@ -59,6 +59,8 @@ def _run_child(stage: str, run: Path, resume: bool) -> tuple[float, float, float
     child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
     wall = time.perf_counter() - start
     if child.returncode != 0:
+        if child.returncode == 2:  # a user error, explained on stderr by the stage
+            raise StageFailed(f"stage {stage} stopped on the error above; earlier stages are kept, a rerun starts from {stage}")
         how = f"was killed by signal {-child.returncode}" if child.returncode < 0 else f"failed (exit code {child.returncode})"
         raise StageFailed(f"stage {stage} {how}; rerun the same command to resume it")
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux

@@ -107,7 +107,8 @@ def stage_data(recipe: Recipe, run: Path, resume: bool) -> dict:
         generated = [{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""), "completion": r["output"]}
                      for r in read_rows(out / "self_instruct" / "sft.jsonl")]
         if not generated:
-            raise RuntimeError(f"self-instruct accepted no instruction ({report.get('rejected_by_reason')}); raise data.num_instructions")
+            raise RuntimeError(f"self-instruct accepted no instruction (rejected: {report.get('rejected_by_reason')}); the generator "
+                               "wrote nothing usable (a --quick random model never does): use a real model or data.api_base")
         sft, prompts = _split(generated, 0.2, recipe.seed)
         evaluation = _eval_rows(spec.eval_file, spec.eval_limit, recipe.seed) if spec.eval_file else []
     if sft is not None:
