@@ -204,9 +204,11 @@ def test_peft_wrapped_model(tiny_path, prompt_ids):
 
 
 def _nucleus_by_full_sort(logits, top_p):
-    """The definition, on the whole vocabulary: stable descending sort, keep while the mass before < top_p."""
+    """The definition, on the whole vocabulary: stable descending sort, keep while the mass before < top_p.
+    The masses are exp(logit - logsumexp), the sampler's formula: a mask compared bit for bit needs the
+    same rounding where a token's mass-before lands within an ulp of top_p (softmax's differs there)."""
     values, order = logits.sort(dim=-1, descending=True, stable=True)
-    probs = values.softmax(-1)
+    probs = (values - logits.logsumexp(-1, keepdim=True)).exp()
     keep_sorted = (probs.cumsum(-1) - probs) < top_p
     keep_sorted[..., 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
@@ -227,6 +229,23 @@ def test_nucleus_filter_equals_the_full_sort_definition(top_p):
         assert torch.equal(torch.isinf(got), torch.isinf(expected))
 
 
+def test_nucleus_of_a_row_does_not_depend_on_the_other_rows(monkeypatch):
+    """Only the rows whose top candidates hold < top_p are sorted in full: each row's nucleus equals the one it
+    gets alone and the one a full sort of every row gives (NUCLEUS_CANDIDATES = the vocabulary)."""
+    import alignkit.generation as generation
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.cat([torch.randn(3, 5000, generator=g) * 4, torch.randn(2, 5000, generator=g) * 0.01])[[0, 3, 1, 4, 2]]
+    for top_p in (0.5, 0.9, 0.999):
+        mixed = generation._filter_logits(logits, 0, top_p)
+        alone = torch.cat([generation._filter_logits(row[None], 0, top_p) for row in logits])
+        monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", logits.shape[-1])
+        everything_sorted = generation._filter_logits(logits, 0, top_p)
+        monkeypatch.undo()
+        assert torch.equal(mixed, alone) and torch.equal(mixed, everything_sorted)
+        assert torch.isinf(mixed[[1, 3]]).sum() < torch.isinf(mixed[[0, 2, 4]]).sum()  # the flat rows keep more
+
+
 def test_sample_categorical_draws_the_distribution_and_never_a_zero_mass_token():
     from alignkit.generation import sample_categorical
 
@@ -237,6 +256,16 @@ def test_sample_categorical_draws_the_distribution_and_never_a_zero_mass_token()
     assert torch.allclose(freq, probs[0].double(), atol=0.005)  # the largest standard error is 0.0015 (p = 0.6)
     again = sample_categorical(probs[:50], torch.Generator().manual_seed(0))
     assert torch.equal(again, draws[:50])
+
+
+def test_sample_categorical_when_u_rounds_up_to_the_total(monkeypatch):
+    """u·total can round up to the total (about once in 2^24 draws): no cdf entry exceeds it, and the draw
+    must fall back to the row's last token with mass, never the zero-mass tail or index V. Forced here."""
+    import alignkit.generation as generation
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]])
+    monkeypatch.setattr(generation.torch, "rand", lambda shape, **kwargs: torch.ones(shape, dtype=kwargs.get("dtype")))
+    assert generation.sample_categorical(probs).tolist() == [3, 1, 5]
 
 
 def test_shared_prefix_prefill_samples_what_the_full_prefill_samples(tiny, monkeypatch):

@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+import pytest
 import torch
 
 from alignkit.losses import weighted_cross_entropy_sum
@@ -68,15 +70,20 @@ def test_dpo_loss_variants_match_their_formulas():
         "hinge": max(0.0, 1 - beta * h),
     }
     for loss_type, expected in cases.items():
-        got = dpo_losses(t(pc), t(pr), t(rc), t(rr), beta, loss_type).item()
-        assert math.isclose(got, expected, rel_tol=1e-6), loss_type
-    conservative = dpo_losses(t(pc), t(pr), t(rc), t(rr), beta, "sigmoid", label_smoothing=eps).item()
+        got, chosen, rejected = dpo_losses(t(pc), t(pr), t(rc), t(rr), beta, loss_type)
+        assert math.isclose(got.item(), expected, rel_tol=1e-6), loss_type
+        # the implicit rewards β·(log π − log π_ref) the loss implies
+        assert math.isclose(chosen.item(), beta * (pc - rc), rel_tol=1e-6) and math.isclose(rejected.item(), beta * (pr - rr), rel_tol=1e-6)
+    conservative = dpo_losses(t(pc), t(pr), t(rc), t(rr), beta, "sigmoid", label_smoothing=eps)[0].item()
     assert math.isclose(conservative, -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h), rel_tol=1e-6)
-    robust = dpo_losses(t(pc), t(pr), t(rc), t(rr), beta, "robust", label_smoothing=eps).item()
+    robust = dpo_losses(t(pc), t(pr), t(rc), t(rr), beta, "robust", label_smoothing=eps)[0].item()
     assert math.isclose(robust, (-(1 - eps) * log_sigmoid(beta * h) + eps * log_sigmoid(-beta * h)) / (1 - 2 * eps), rel_tol=1e-6)
     # SimPO: length-normalized log-probs, no reference, margin gamma
-    simpo = dpo_losses(t(-0.8), t(-1.3), None, None, 2.0, "simpo", simpo_gamma=0.5).item()
-    assert math.isclose(simpo, -log_sigmoid(2.0 * (-0.8 + 1.3) - 0.5), rel_tol=1e-6)
+    simpo, chosen, rejected = dpo_losses(t(-0.8), t(-1.3), None, None, 2.0, "simpo", simpo_gamma=0.5)
+    assert math.isclose(simpo.item(), -log_sigmoid(2.0 * (-0.8 + 1.3) - 0.5), rel_tol=1e-6)
+    assert math.isclose(chosen.item(), 2.0 * -0.8, rel_tol=1e-6) and math.isclose(rejected.item(), 2.0 * -1.3, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="--loss_type"):
+        dpo_losses(t(pc), t(pr), t(rc), t(rr), beta, "kto")
 
 
 def test_dpo_invariants_when_policy_equals_reference():
@@ -84,6 +91,81 @@ def test_dpo_invariants_when_policy_equals_reference():
 
     logps = torch.tensor([-3.0, -7.0])
     beta = 0.1
-    assert torch.allclose(dpo_losses(logps, logps.flip(0), logps, logps.flip(0), beta, "sigmoid"), torch.full((2,), math.log(2)))
-    assert torch.allclose(dpo_losses(logps, logps.flip(0), logps, logps.flip(0), beta, "ipo"), torch.full((2,), 1 / (4 * beta**2)))
-    assert torch.allclose(dpo_losses(logps, logps.flip(0), logps, logps.flip(0), beta, "hinge"), torch.ones(2))
+    same = lambda loss_type: dpo_losses(logps, logps.flip(0), logps, logps.flip(0), beta, loss_type)  # noqa: E731
+    assert torch.allclose(same("sigmoid")[0], torch.full((2,), math.log(2)))
+    assert torch.allclose(same("ipo")[0], torch.full((2,), 1 / (4 * beta**2)))
+    assert torch.allclose(same("hinge")[0], torch.ones(2))
+    assert all((same(t)[1] == 0).all() and (same(t)[2] == 0).all() for t in ("sigmoid", "ipo", "hinge", "robust"))
+
+
+# ---------------------------------------------------------------------------------------------
+# RLHF reward shaping, KL controllers, masked statistics
+
+
+def test_kl_shaped_rewards_match_a_per_token_loop():
+    from alignkit.losses import kl_shaped_rewards
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 2, 0, 1]
+    mask = torch.tensor([[1.0] * n + [0.0] * (5 - n) for n in lengths])
+    kl = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    scores = torch.randn(4, generator=g, dtype=torch.float64)
+    beta = 0.3
+    got = kl_shaped_rewards(scores, kl, mask, beta)
+    for b, n in enumerate(lengths):
+        for t in range(5):
+            expected = 0.0
+            if t < n:
+                expected = -beta * kl[b, t].item() + (scores[b].item() if t == n - 1 else 0.0)
+            assert math.isclose(got[b, t].item(), expected, rel_tol=1e-12, abs_tol=1e-15), (b, t)
+    # summed over tokens: the sequence reward R = score − β·Σ KL that RLOO/GRPO baseline (0 for an empty response)
+    expected_sums = [scores[b].item() - beta * kl[b, :n].sum().item() if n else 0.0 for b, n in enumerate(lengths)]
+    assert np.allclose(got.sum(1).numpy(), expected_sums, rtol=1e-12, atol=1e-15)
+
+
+def test_fixed_kl_controller_never_moves():
+    from alignkit.losses import FixedKLController, kl_controller
+
+    control = kl_controller(0.05, target=0.0, horizon=100)
+    assert isinstance(control, FixedKLController)
+    control.update(kl=100.0, n=64)
+    assert control.value == 0.05
+
+
+def test_adaptive_kl_controller_follows_ziegler_et_al():
+    """β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), step by step against a plain-Python recurrence."""
+    from alignkit.losses import AdaptiveKLController, kl_controller
+
+    control = kl_controller(0.1, target=6.0, horizon=1000)
+    assert isinstance(control, AdaptiveKLController)
+    control.update(kl=12.0, n=100)
+    assert math.isclose(control.value, 0.1 * (1 + 0.2 * 100 / 1000))  # error clipped at +0.2
+    control = AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    control.update(kl=5.4, n=100)
+    assert math.isclose(control.value, 0.1 * (1 - 0.1 * 100 / 1000))
+    # a sequence of batches: KL above target raises β, below lowers it
+    control, beta = AdaptiveKLController(0.2, target=2.0, horizon=50), 0.2
+    for kl in [4.0, 3.0, 2.2, 1.0, 0.1, 2.0]:
+        control.update(kl, n=8)
+        beta = beta * (1 + min(max(kl / 2.0 - 1, -0.2), 0.2) * 8 / 50)
+        assert math.isclose(control.value, beta, rel_tol=1e-12)
+
+
+def test_masked_mean_var_matches_numpy_and_is_stable_far_from_zero():
+    from alignkit.losses import masked_mean_var
+
+    g = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    picked = x.numpy()[mask.numpy().astype(bool)]
+    mean, var = masked_mean_var(x, mask)
+    assert math.isclose(mean.item(), picked.mean(), rel_tol=1e-12) and math.isclose(var.item(), picked.var(), rel_tol=1e-12)
+    # float32 values near 1e4 with spread 1e-2: E[x²] − E[x]² would cancel to noise (1e8 · 2^-24 ≈ 6 ≫ var ≈ 1e-4); the
+    # two-pass formula keeps it to the error of μ (a few ulp of 1e4, ~1e-3, so ≲ 1% of σ² here; 5% allowed)
+    shifted = (1e4 + 1e-2 * x).float()
+    reference = shifted.double().numpy()[mask.numpy().astype(bool)].var()
+    assert math.isclose(masked_mean_var(shifted, mask)[1].item(), reference, rel_tol=0.05)
+    naive = (shifted**2 * mask).sum() / mask.sum() - ((shifted * mask).sum() / mask.sum()) ** 2
+    assert not math.isclose(naive.item(), reference, rel_tol=0.05)  # what the helper avoids
+    empty_mean, empty_var = masked_mean_var(x, torch.zeros_like(mask))
+    assert empty_mean.item() == 0 and empty_var.item() == 0

@@ -55,7 +55,7 @@ def test_whiten_matches_definition():
             expected = (x[b, t].item() - mean) / math.sqrt(var + 1e-8) if mask[b, t] else 0.0
             assert math.isclose(out[b, t].item(), expected, rel_tol=1e-9, abs_tol=1e-12)
     kept = losses.whiten(x, mask, shift_mean=False)
-    assert math.isclose(losses.masked_mean(kept, mask).item(), mean, rel_tol=1e-9)
+    assert math.isclose(losses.masked_mean_var(kept, mask)[0].item(), mean, rel_tol=1e-9)
 
 
 def test_gae_matches_a_per_element_loop():
@@ -129,15 +129,6 @@ def test_rloo_and_grpo_advantages_match_definitions():
         losses.rloo_advantages(rewards, 1)
     with pytest.raises(ValueError, match="divisible"):
         losses.grpo_advantages(rewards, 2)
-
-
-def test_adaptive_kl_controller():
-    from alignkit.train.ppo import AdaptiveKLController
-
-    up = AdaptiveKLController.update(0.1, kl=12.0, target=6.0, n=100, horizon=1000)
-    assert math.isclose(up, 0.1 * (1 + 0.2 * 100 / 1000))  # error clipped at +0.2
-    down = AdaptiveKLController.update(0.1, kl=5.4, target=6.0, n=100, horizon=1000)
-    assert math.isclose(down, 0.1 * (1 - 0.1 * 100 / 1000))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,13 +161,3 @@ def test_sft_learns_a_task_and_generalizes_to_held_out_items(tmp_path):
     before = exact_match_eval(load_causal_lm(str(tiny_model_dir)), tokenizer, test_rows, formatting(cfg), max_new_tokens=6)
     after = exact_match_eval(load_causal_lm(str(tmp_path / "out")), tokenizer, test_rows, formatting(cfg), max_new_tokens=6)
     assert before["exact_match"] < 0.1 and after["exact_match"] >= 0.85  # measured 0.97
-
-
-def test_bf16_mixed_precision_logs_the_fp32_loss_within_bf16_error(tmp_path, tiny_model_dir, data_file):
-    """bf16 autocast (CPU here, CUDA elsewhere): same step-1 loss as fp32 to bf16 precision, weights stay fp32."""
-    fp32 = run(tmp_path / "fp32", tiny_model_dir, data_file)[0]["loss"]
-    bf16 = run(tmp_path / "bf16", tiny_model_dir, data_file, mixed_precision="bf16", max_steps=2, learning_rate=1e-3)
-    assert abs(bf16[0]["loss"] - fp32) < 0.02 * fp32
-    assert math.isfinite(bf16[1]["loss"])
-    saved = load_file(str(tmp_path / "bf16" / "out" / "model.safetensors"))
-    assert all(t.dtype == torch.float32 for t in saved.values())

@@ -98,10 +98,15 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
+    # the first index whose cdf exceeds u: cdf rises there, so that token has mass
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-    # u·total rounds up to the total about once in 2^24 draws: then take the last token that has mass
-    last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
-    return torch.minimum(token, last_with_mass)
+    # ... unless u·total rounded up to the total (about once in 2^24 draws): then no cdf exceeds it and the
+    # search returns V; take the last token that has mass (a full pass, so only when it happens)
+    beyond = token == probs.shape[-1]
+    if bool(beyond.any()):
+        last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+        token = torch.where(beyond, last_with_mass, token)
+    return token
 
 
 NUCLEUS_CANDIDATES = 1024
@@ -110,32 +115,40 @@ NUCLEUS_CANDIDATES = 1024
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays while the mass
     of the tokens ranked before it is < top_p. Ties rank the lowest id first (as argmax), so a tiny top_p
-    is greedy.
+    is greedy. A token's mass is exp(logit − logsumexp(row)) wherever it is ranked, so every path below
+    rounds alike and a row's nucleus does not depend on the path (or on the other rows of the batch).
 
-    Sorting the whole vocabulary every step is slow (49152 entries per row), and the nucleus almost always
-    lies among the top few hundred tokens: rank only the top NUCLEUS_CANDIDATES, and fall back to the full
-    sort for the rows whose candidates hold less than top_p of the mass (there the nucleus may reach beyond).
+    Sorting the whole vocabulary every step is slow (49152 entries per row: ~5 ms a row on a CPU), and the
+    nucleus almost always lies among the top few hundred tokens: rank only the top NUCLEUS_CANDIDATES, and
+    sort the whole vocabulary only for the rows whose candidates hold less than top_p of the mass (there the
+    nucleus may reach beyond).
     """
+    log_total = logits.logsumexp(-1, keepdim=True)
     k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
     values, ids = logits.topk(k, dim=-1)
     ids, by_id = ids.sort(dim=-1)  # topk's order among equal values is unspecified: restore "lowest id first"
     values, order = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
     ids = ids.gather(-1, order)
-    probs = (values - logits.logsumexp(-1, keepdim=True)).exp()
-    before = probs.cumsum(-1) - probs
-    keep_ranked = before < top_p
-    keep_ranked[..., 0] = True
+    keep_ranked, before, probs = _keep_ranked(values, log_total, top_p)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, ids, keep_ranked)
     # exact when the candidates hold top_p of the mass and no token left outside ties the last one kept
     last_kept = values.gather(-1, (keep_ranked.sum(-1, keepdim=True) - 1)).squeeze(-1)
     complete = ((before[:, -1] + probs[:, -1]) >= top_p) & (last_kept > values[:, -1])
     if k < logits.shape[-1] and not bool(complete.all()):
-        values, ids = logits.sort(dim=-1, descending=True, stable=True)
-        probs = values.softmax(-1)
-        before = probs.cumsum(-1) - probs
-        keep_ranked = before < top_p
-        keep_ranked[..., 0] = True
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, ids, keep_ranked)
+        rows = (~complete).nonzero().squeeze(-1)
+        values, ids = logits[rows].sort(dim=-1, descending=True, stable=True)
+        keep_ranked = _keep_ranked(values, log_total[rows], top_p)[0]
+        keep[rows] = torch.zeros_like(keep_ranked).scatter_(-1, ids, keep_ranked)
     return logits.masked_fill(~keep, float("-inf"))
+
+
+def _keep_ranked(values: torch.Tensor, log_total: torch.Tensor, top_p: float):
+    """For logits ranked in descending order: which stay in the nucleus, the mass before each, each's mass."""
+    probs = (values - log_total).exp()
+    before = probs.cumsum(-1) - probs
+    keep_ranked = before < top_p
+    keep_ranked[..., 0] = True
+    return keep_ranked, before, probs
 
 
 def _left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,11 +240,17 @@ def generate(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        input_ids, attention_mask, position_ids = _prefill_shared_prefix(model, prompt_ids, pad_id, device, model_kwargs)
+        input_ids, prompt_attention, position_ids = _prefill_shared_prefix(model, prompt_ids, pad_id, device, model_kwargs)
+        # the attention mask of every step is a prefix of one preallocated mask: finished rows keep decoding
+        # pad tokens whose outputs are masked, so their mask can simply grow with the others'
+        width = prompt_attention.shape[1]
+        attention_mask = torch.cat([prompt_attention, prompt_attention.new_ones((batch, max_new))], dim=1)
         steps = 0
         for step in range(max_new):
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **model_kwargs)
-            logits = out.logits[:, -1, :].float() / temperature
+            out = model(input_ids=input_ids, attention_mask=attention_mask[:, : width + step], position_ids=position_ids, **model_kwargs)
+            logits = out.logits[:, -1, :].float()
+            if temperature != 1.0:
+                logits = logits / temperature
             if greedy:
                 token = logits.argmax(-1)
             else:
@@ -252,10 +271,7 @@ def generate(
             if bool(finished.all()):
                 break
 
-            # finished rows keep decoding pad tokens; their outputs are masked, so their
-            # attention mask can simply grow with the others.
             input_ids = token[:, None]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
             position_ids = position_ids[:, -1:] + 1
     finally:
         for module, training in modes.items():

@@ -7,6 +7,9 @@ make gradient accumulation, batch composition and packing change the loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -67,29 +70,39 @@ def dpo_losses(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
-) -> torch.Tensor:
-    """Per-pair preference losses from sequence log-probs (summed over response tokens; for `simpo`,
-    averaged per token). With h = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses and the implicit rewards they imply -> (losses, chosen_rewards, rejected_rewards), each [B].
 
-      sigmoid (DPO)       −(1−ε)·log σ(β·h) − ε·log σ(−β·h)      ε = label_smoothing (conservative DPO)
-      robust  (rDPO)      [−(1−ε)·log σ(β·h) + ε·log σ(−β·h)] / (1 − 2ε)
-      hinge   (SLiC)      max(0, 1 − β·h)
-      ipo     (IPO)       (h − 1/(2β))²
-      simpo   (SimPO)     −log σ(β·(ℓ_w − ℓ_l) − γ)   ℓ = mean log-prob per token, no reference
+    Log-probs are summed over response tokens (for `simpo`, averaged per token). The implicit reward of a
+    response is r = β·(log π(y) − log π_ref(y)) (Rafailov et al., 2023, eq. 5; simpo: r = β·ℓ, no
+    reference, Meng et al., 2024); with h = r_w/β − r_l/β = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)]:
+
+      sigmoid (DPO, Rafailov et al. 2023)        −(1−ε)·log σ(β·h) − ε·log σ(−β·h)   ε = label_smoothing (cDPO)
+      robust  (rDPO, Chowdhury et al. 2024)      [−(1−ε)·log σ(β·h) + ε·log σ(−β·h)] / (1 − 2ε)
+      hinge   (SLiC, Zhao et al. 2023)           max(0, 1 − β·h)
+      ipo     (IPO, Azar et al. 2023)            (h − 1/(2β))²
+      simpo   (SimPO, Meng et al. 2024)          −(1−ε)·log σ(β·(ℓ_w − ℓ_l) − γ) − ε·log σ(−β·(ℓ_w − ℓ_l) + γ)
+                                                 ℓ = mean log-prob per token
+
+    The rewards are detached: they are metrics (accuracy = share of pairs with r_w > r_l), not part of the graph.
     """
     if loss_type == "simpo":
         logits = beta * (chosen_logps - rejected_logps) - simpo_gamma
-        return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+        losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+        return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"--loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
-        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    if loss_type == "robust":
-        return (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (1 - 2 * label_smoothing)
-    if loss_type == "hinge":
-        return torch.relu(1 - beta * h)
-    if loss_type == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
-    raise ValueError(f"--loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (1 - 2 * label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:  # ipo
+        losses = (h - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
 def chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
@@ -128,26 +141,78 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     raise ValueError(f"--kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ m·x / Σ m."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token RLHF reward (Ziegler et al., 2019; Stiennon et al., 2020; Ouyang et al., 2022) -> [B, T]:
+
+      r_t = −β·KL_t + [t = T_b]·score_b
+
+    with KL_t the per-token estimate of KL(π‖π_ref) (`kl_penalty`), score_b the sequence's score and T_b
+    its last response token (the last position where mask = 1; rows are right-padded). Summed over t it is
+    the sequence reward R_b = score_b − β·Σ_t KL_t that RLOO/GRPO baseline. `scores` [B], `kl` and `mask` [B, T].
+    """
+    mask = mask.to(kl.dtype)
+    terminal = torch.zeros_like(kl)
+    last = (mask.sum(1) - 1).clamp(min=0).long()
+    terminal[torch.arange(len(scores), device=kl.device), last] = scores.to(kl.dtype)
+    return (terminal - beta * kl) * mask  # a row without response tokens gets no reward at all
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, total=None) -> torch.Tensor:
-    """(x − μ) / √(σ² + eps) over the masked entries, with μ = Σ m·x / Σ m and σ² = Σ m·(x − μ)² / Σ m
-    (population variance). With shift_mean=False the mean is added back: x is only rescaled. Masked
-    entries are returned as 0. `total` (e.g. an all-reduce) turns each local sum into the sum over all
-    processes, so μ and σ² are those of the whole batch; None: this tensor alone."""
+@dataclass
+class FixedKLController:
+    """β stays at its initial value: `update` is a no-op."""
+
+    value: float
+
+    def update(self, kl: float, n: int) -> None:
+        pass
+
+
+@dataclass
+class AdaptiveKLController:
+    """Proportional controller of β towards a target KL (Ziegler et al., 2019, section 2.2):
+
+      e = clip(KL / KL_target − 1, −0.2, 0.2)
+      β ← β · (1 + e · n / horizon)
+
+    with KL the mean per-response KL of the batch just made and n its number of responses."""
+
+    value: float
+    target: float
+    horizon: float
+
+    def update(self, kl: float, n: int) -> None:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n / self.horizon
+
+
+def kl_controller(initial: float, target: float, horizon: float) -> FixedKLController | AdaptiveKLController:
+    """Adaptive when a target is set (> 0), else fixed."""
+    return AdaptiveKLController(initial, target, horizon) if target > 0 else FixedKLController(initial)
+
+
+def masked_mean_var(x: torch.Tensor, mask: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, σ²) over the entries where mask = 1, two-pass (the variance sums squared deviations from μ, stable
+    where μ² ≫ σ²):
+
+      μ = Σ m·x / Σ m        σ² = Σ m·(x − μ)² / Σ m   (population variance)
+
+    `total` (e.g. an all-reduce) turns each local sum into the sum over all processes, so μ and σ² are those
+    of the whole batch; None: this tensor alone. An empty mask gives μ = σ² = 0."""
     total = total or (lambda t: t)
     mask = mask.to(x.dtype)
     count = total(mask.sum()).clamp(min=1)
     mean = total((x * mask).sum()) / count
-    var = total(((x - mean) ** 2 * mask).sum()) / count
+    return mean, total(((x - mean) ** 2 * mask).sum()) / count
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, total=None) -> torch.Tensor:
+    """(x − μ) / √(σ² + eps) with μ, σ² = `masked_mean_var(x, mask, total)`. With shift_mean=False the mean is
+    added back: x is only rescaled. Masked entries are returned as 0."""
+    mean, var = masked_mean_var(x, mask, total)
     out = (x - mean) / torch.sqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return out * mask.to(x.dtype)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:

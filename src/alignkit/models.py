@@ -233,7 +233,9 @@ def make_tiny_model(
 
 
 def unwrap_base(model):
-    """The underlying transformers model of a (possibly peft-wrapped) model; LoRA layers stay injected."""
+    """The underlying transformers model of a (possibly DDP- and/or peft-wrapped) model; LoRA layers stay injected."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -13,7 +13,6 @@ the statistics that were measured.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit import atomic
 from alignkit.models import _explained, load_causal_lm, load_tokenizer, resolve_model_path, unwrap_base
 
 
@@ -252,7 +252,7 @@ def write_normalization(model_dir: str | Path, mean: float, std: float, source: 
         config.reward_offset = float(getattr(config, "reward_offset", 0.0) or 0.0) - mean
     config.reward_mean, config.reward_std, config.reward_normalize_dataset = mean, std, source
     config.save_pretrained(model_dir)
-    Path(model_dir, "reward_normalization.json").write_text(json.dumps({"dataset": source, "mean": mean, "std": std}, indent=1))
+    atomic.write_json(Path(model_dir, "reward_normalization.json"), {"dataset": source, "mean": mean, "std": std})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ class _StepRecorder:
 
     def __call__(self, module, inputs, output) -> None:
         if self.value_head is not None:
-            self.values.append(self.value_head(inputs[0][:, -1].float()).squeeze(-1))
+            self.values.append(self.value_head(inputs[0][:, -1].float()).squeeze(-1).float())  # float32 under autocast too
         if self.entropy:
             log_probs = (output[:, -1].float() / self.temperature).log_softmax(-1)
             self.entropies.append(-(log_probs.exp() * log_probs).sum(-1))
@@ -192,7 +192,7 @@ def policy_forward(model, episodes: Episodes, temperature: float, value_head: to
     log_probs = (logits.float() / temperature).log_softmax(-1)
     logp = log_probs.gather(-1, episodes.response_ids.to(device)[..., None]).squeeze(-1) * mask
     ent = -(log_probs.exp() * log_probs).sum(-1) * mask if entropy else None
-    values = value_head(states.float()).squeeze(-1) * mask if value_head is not None else None
+    values = value_head(states.float()).squeeze(-1).float() * mask if value_head is not None else None  # float32 under autocast too
     return PolicyOutputs(logp, ent, values)
 
 

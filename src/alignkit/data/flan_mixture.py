@@ -8,7 +8,6 @@ does not change what the others contribute. Templates, readers and rendering liv
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -23,6 +22,7 @@ from alignkit.data.flan import (
     SPLIT_ALIASES, TEMPLATE_SETS, Template, TemplateSet, choose_exemplars, few_shot, load_template_set,
     read_task_examples, render,
 )
+from alignkit import atomic
 from alignkit.data.formats import DataError, InvalidRows, write_jsonl
 from alignkit.flags import command_from
 
@@ -257,7 +257,7 @@ def run_flan(cfg: FlanConfig) -> None:
         summary["skipped_invalid"] = dict(invalid.counts)
     write_jsonl(rows, cfg.output)
     summary["output"] = cfg.output
-    summary_path(cfg.output).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    atomic.write_json(summary_path(cfg.output), summary, indent=2)
     print_summary(summary)
     console.print(f"wrote {len(rows)} rows to {cfg.output} and the summary to {summary_path(cfg.output)}", highlight=False, markup=False)
 

@@ -412,7 +412,7 @@ def load_sft_examples(source: str, split: str = "train", invalid: InvalidRows | 
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """One JSON object per line, written to a temporary name and renamed: a failure leaves the old file intact."""
+    from alignkit import atomic
+
+    atomic.write_jsonl(path, rows)

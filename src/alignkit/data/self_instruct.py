@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from alignkit import atomic
 from alignkit.config import knob
 from alignkit.data.formats import DataError, read_rows
 from alignkit.data.generators import Completion, Generator, LocalGenerator, OpenAIGenerator
@@ -493,13 +494,12 @@ def run_self_instruct(cfg: SelfInstructConfig, generator: Generator | None = Non
             progress.update(bar, completed=len(accepted),
                             description=f"round {round_index}: +{len(new)} accepted, +{len(dropped)} rejected")
 
-    with open(out / SFT, "w", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sft_rows(accepted)))
+    atomic.write_jsonl(out / SFT, sft_rows(accepted))
     report = build_report(accepted, rejected, len(seeds))
     report["stopped"] = "target reached" if len(accepted) >= cfg.num_instructions else f"no instruction accepted in {stalled} rounds in a row"
     report["elapsed_s_this_run"] = round(time.perf_counter() - start, 1)
     report["config"] = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
-    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    atomic.write_json(out / REPORT, report, indent=2)
     return report
 
 

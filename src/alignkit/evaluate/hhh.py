@@ -112,7 +112,7 @@ def score_harmlessness(harmful_replies: list[str], benign_replies: list[str]) ->
 
 def run_hhh(cfg: HHHConfig, model=None, tokenizer=None, log=print) -> dict:
     from alignkit.data.tokenize import Formatting, prompt_text
-    from alignkit.evaluate.report import plot_bars, record, records_markdown, sidecar, write_json, write_predictions
+    from alignkit.evaluate.report import plot_bars, record, records_markdown, sidecar, write_json, write_predictions, write_markdown
     from alignkit.evaluate.runner import evaluate_unit, load_model
     from alignkit.evaluate.suites import builtin_suite
     from alignkit.generation import SamplingParams, generate_text
@@ -166,7 +166,7 @@ def run_hhh(cfg: HHHConfig, model=None, tokenizer=None, log=print) -> dict:
             "abstain (knowable)": honesty["abstention_knowable"], "correct (knowable)": honesty["accuracy_knowable"],
             "refuse (harmful)": harmlessness["refusal_harmful"], "refuse (benign)": harmlessness["over_refusal_benign"]}
     png = plot_bars(bars, sidecar(cfg.output, ".png"))
-    sidecar(cfg.output, ".md").write_text(records_markdown(records, f"HHH probes: {cfg.model_name_or_path}") + f"\n![HHH probes]({png.name})\n")
+    write_markdown(cfg.output, records_markdown(records, f"HHH probes: {cfg.model_name_or_path}") + f"\n![HHH probes]({png.name})\n")
     for r in records:
         log(f"{r['task']:12s} {r['metric']:24s} {r['value']:.3f}  (n={r['n']})")
     return payload

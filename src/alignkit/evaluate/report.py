@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from alignkit import atomic
+
 
 def record(task: str, shots: int | None, metric: str, value: float, n: int, **extra) -> dict:
     """One measured number: which task, how many shots (None where it does not apply), which metric, the
@@ -35,21 +37,23 @@ def read_results(output: str | Path) -> dict | None:
 
 
 def write_json(payload: dict, output: str | Path) -> Path:
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-    tmp.replace(path)  # a crash mid-write never leaves a half file for --resume to read
-    return path
+    # atomic: a crash mid-write never leaves a half file (for --resume to read, or instead of the last good one)
+    return atomic.write_json(output, payload)
 
 
-def write_predictions(rows: Sequence[dict], output: str | Path, append: bool = False) -> Path:
-    path = sidecar(output, ".predictions.jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a" if append else "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+def write_predictions(rows: Sequence[dict], output: str | Path) -> Path:
+    """OUT.predictions.jsonl, replaced atomically."""
+    return atomic.write_jsonl(sidecar(output, ".predictions.jsonl"), rows)
+
+
+def write_markdown(output: str | Path, text: str) -> Path:
+    """OUT.md, replaced atomically."""
+    return atomic.write_text(sidecar(output, ".md"), text)
+
+
+def save_figure(fig, out_png: str | Path) -> None:
+    with atomic.atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def _fmt(value) -> str:
@@ -112,7 +116,7 @@ def plot_shots(records: Sequence[dict], out_png: str | Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    save_figure(fig, out_png)
     plt.close(fig)
     return Path(out_png)
 
@@ -141,7 +145,7 @@ def plot_sensitivity(rows: Sequence[dict], out_png: str | Path, metric_keys: Seq
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    save_figure(fig, out_png)
     plt.close(fig)
     return Path(out_png)
 
@@ -156,6 +160,6 @@ def plot_bars(values: dict[str, float], out_png: str | Path, ylabel: str = "rate
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    save_figure(fig, out_png)
     plt.close(fig)
     return Path(out_png)

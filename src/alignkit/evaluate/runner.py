@@ -2,16 +2,20 @@
 
 A unit's k-shot items use one exemplar set (the seeded first k of the pool, see `Suite.exemplars`), so a run is
 deterministic given the seed: greedy generation, fixed exemplars, fixed example order. With `resume`, units
-already in OUT.json (from a run with the same settings) are kept and skipped.
+already in OUT.json (from a run with the same settings) are kept and skipped; a killed run's progress is in
+OUT.json.partial, which --resume continues.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict
+from pathlib import Path
 
 from alignkit.evaluate import metrics as M
 from alignkit.evaluate.prompts import extract_answer, model_context, resolve_framing
-from alignkit.evaluate.report import (plot_shots, read_results, record, records_markdown, sidecar, write_json,
+from alignkit.evaluate.report import (plot_shots, read_results, record, records_markdown, sidecar, write_json, write_markdown,
                                       write_predictions)
 from alignkit.evaluate.suites import Suite, build_suite, parse_columns, parse_tasks
 from alignkit.evaluate.config import EvalConfig  # declared with the other eval flags
@@ -138,6 +142,25 @@ def evaluate_unit(model, tokenizer, suite: Suite, k: int, framing: str, method: 
     return records, predictions
 
 
+def _previous(cfg: EvalConfig, partial: Path, partial_predictions: Path) -> tuple[dict | None, list[dict]]:
+    """--resume: the results to continue (a killed run's partial ones, else the finished OUT.json) and the
+    predictions of their units."""
+    if partial.exists():
+        results, predictions = read_results(partial), partial_predictions
+    else:
+        results, predictions = read_results(cfg.output), sidecar(cfg.output, ".predictions.jsonl")
+    if results is None:
+        return None, []
+    done = {(r["task"], r["shots"]) for r in results.get("records", [])}
+    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()] if predictions.exists() else []
+    return results, [p for p in rows if (p.get("task"), p.get("shots")) in done]
+
+
+def _append_jsonl(path: Path, rows: list[dict], fresh: bool) -> None:
+    with open(path, "w" if fresh else "a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print) -> dict:
     """Evaluate every task at every shot count; write OUT.json after each unit, then OUT.md, OUT.png and
     OUT.predictions.jsonl. Returns the results payload."""
@@ -149,12 +172,15 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print) -> dict:
         model, tokenizer = load_model(cfg.model_name_or_path, cfg.device)
     framing = resolve_framing(tokenizer, cfg.framing)
     payload = {"settings": _settings(cfg), "tasks": [], "records": []}
-    previous = read_results(cfg.output) if cfg.resume else None
+    # progress goes to OUT.json.partial and OUT.predictions.jsonl.partial (what --resume continues); OUT.json and
+    # its sidecars are replaced only at the end, so a failing or killed run leaves the previous ones intact
+    partial, partial_predictions = Path(f"{cfg.output}.partial"), Path(f"{sidecar(cfg.output, '.predictions.jsonl')}.partial")
+    previous, kept_predictions = _previous(cfg, partial, partial_predictions) if cfg.resume else (None, [])
     if previous is not None and previous.get("settings") != payload["settings"]:
         raise ValueError(f"--resume: {cfg.output} was written with other settings {previous.get('settings')}; "
                          "use the same flags, another --output, or drop --resume")
     done = {(r["task"], r["shots"]) for r in (previous or {}).get("records", [])}
-    write_predictions([], cfg.output, append=cfg.resume)  # resumed runs add to the kept units' predictions
+    started = False  # the partial files of an earlier run are replaced when this one finishes its first unit
     from alignkit.data.formats import InvalidRows
 
     for name, source in tasks:
@@ -176,11 +202,17 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print) -> dict:
             records, predictions = evaluate_unit(model, tokenizer, suite, k, framing, cfg.method, cfg.system, cfg.batch_size,
                                                  cfg.max_new_tokens, cfg.seed, cfg.progress, cfg.calibrate)
             payload["records"] += records
-            write_json(payload, cfg.output)
-            write_predictions(predictions, cfg.output, append=True)
+            _append_jsonl(partial_predictions, ([] if started else kept_predictions) + predictions, fresh=not started)
+            write_json(payload, partial)
+            started = True
             log("  ".join(f"{r['task']} {k}-shot {r['metric']} = {r['value']:.4g}" for r in records) + f"  (n={records[0]['n']})")
+    if started:
+        os.replace(partial_predictions, sidecar(cfg.output, ".predictions.jsonl"))
+    else:  # every unit kept
+        write_predictions(kept_predictions, cfg.output)
     write_json(payload, cfg.output)
+    partial.unlink(missing_ok=True)
     png = plot_shots(payload["records"], sidecar(cfg.output, ".png"))
     markdown = records_markdown(payload["records"], f"{cfg.model_name_or_path}, framing {framing}, seed {cfg.seed}")
-    sidecar(cfg.output, ".md").write_text(markdown + (f"\n![scores by shots]({png.name})\n" if png else ""))
+    write_markdown(cfg.output, markdown + (f"\n![scores by shots]({png.name})\n" if png else ""))
     return payload

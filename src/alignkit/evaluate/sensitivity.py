@@ -27,7 +27,7 @@ from alignkit.evaluate import metrics as M
 from alignkit.evaluate.classification import (argmax, calibrate, content_free_distribution, content_free_example,
                                               option_probabilities, option_scores)
 from alignkit.evaluate.prompts import exemplar_order, model_context, resolve_framing
-from alignkit.evaluate.report import markdown_table, plot_sensitivity, record, sidecar, write_json
+from alignkit.evaluate.report import markdown_table, plot_sensitivity, record, sidecar, write_json, write_markdown
 from alignkit.evaluate.suites import Suite
 from alignkit.evaluate.config import SensitivityConfig  # declared with the other eval flags
 
@@ -179,7 +179,7 @@ def run_sensitivity(cfg: SensitivityConfig, model=None, tokenizer=None, log=prin
                "conditions": rows, "summary": summary, "records": records}
     write_json(payload, cfg.output)
     png = plot_sensitivity(rows, sidecar(cfg.output, ".png"), baseline=majority)
-    sidecar(cfg.output, ".md").write_text(sensitivity_markdown(payload) + f"\n![accuracy per condition]({png.name})\n")
+    write_markdown(cfg.output, sensitivity_markdown(payload) + f"\n![accuracy per condition]({png.name})\n")
     return payload
 
 

@@ -264,7 +264,7 @@ def run_winrate(cfg: WinRateConfig, models: tuple | None = None, client=None, lo
     import os
 
     from alignkit.data.tokenize import Formatting, prompt_text
-    from alignkit.evaluate.report import markdown_table, plot_bars, sidecar, write_json, write_predictions
+    from alignkit.evaluate.report import markdown_table, plot_bars, sidecar, write_json, write_predictions, write_markdown
     from alignkit.evaluate.runner import load_model
     from alignkit.generation import SamplingParams, generate_text
 
@@ -313,6 +313,6 @@ def run_winrate(cfg: WinRateConfig, models: tuple | None = None, client=None, lo
                                        *(["mean_score_a", "mean_score_b"] if "mean_score_a" in summary else []), "n"])
     if kl:
         table += "\n\n" + markdown_table([kl], ["kl_k1", "kl_k3", "kl_k1_per_token", "mean_response_tokens", "samples_per_prompt", "n"])
-    sidecar(cfg.output, ".md").write_text(f"## Win rate of `{cfg.model_name_or_path}` (A) over `{cfg.ref_model}` (B), judge `{cfg.judge}`\n\n"
+    write_markdown(cfg.output, f"## Win rate of `{cfg.model_name_or_path}` (A) over `{cfg.ref_model}` (B), judge `{cfg.judge}`\n\n"
                                           f"{table}\n\n![verdicts]({png.name})\n")
     return payload

@@ -33,7 +33,8 @@ from alignkit.data.tokenize import Formatting, pad_right
 from alignkit.losses import DPO_LOSS_TYPES, chosen_nll, dpo_losses
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, trunk_and_head
 from alignkit.packing import for_attention, supports_custom_masks, tree_mask
-from alignkit.train.loop import Stage, load_datasets, train, write_data_report
+from alignkit.precision import autocast, default_device
+from alignkit.train.loop import Stage, check_engine_flags, load_datasets, train, write_data_report
 
 # (model being trained, batch) -> reference log-probs [2B] (chosen rows, then rejected rows)
 Reference = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -63,6 +64,7 @@ def validate(cfg: DPOConfig) -> None:
         raise ValueError(f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.sft_weight < 0:
         raise ValueError(f"--sft_weight must be >= 0, got {cfg.sft_weight}")
+    check_engine_flags(cfg)  # --mixed_precision, --report_to: bad values fail before any model loads
 
 
 def build_pairs(source: str, split: str, tokenizer, cfg: DPOConfig, name: str, report: dict) -> list[DPOPair]:
@@ -190,14 +192,16 @@ def make_reference(cfg: DPOConfig, policy, starting_adapter: bool) -> Reference 
     return frozen_reference(load_causal_lm(cfg.model_name_or_path))
 
 
-def precompute_reference(reference: Reference, policy, pairs: list[DPOPair], pad_id: int, batch_size: int, shared: bool) -> None:
+def precompute_reference(reference: Reference, policy, pairs: list[DPOPair], pad_id: int, batch_size: int, shared: bool,
+                         precision: str = "no") -> None:
     """Store each pair's reference log-probs on it, batch by batch, on the GPU when there is one."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     policy.to(device)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id, shared).items()}
-        logps = reference(policy, batch).tolist()
+        with autocast(precision, device):  # the same forward as the reference pass inside the loop
+            logps = reference(policy, batch).tolist()
         for i, pair in enumerate(chunk):
             pair.ref_logps = (logps[i], logps[len(chunk) + i])
 
@@ -205,7 +209,7 @@ def precompute_reference(reference: Reference, policy, pairs: list[DPOPair], pad
 def dpo_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | None) -> tuple[torch.Tensor, dict]:
     """Σ over the batch's pairs of the cfg.loss_type loss (+ sft_weight · NLL of chosen), and metric sums.
 
-    Implicit rewards are β·(log π − log π_ref) of each response (simpo: β · mean log π per token)."""
+    Implicit rewards (metrics) come from `losses.dpo_losses`: β·(log π − log π_ref) of each response (simpo: β · mean log π per token)."""
     n = batch["lengths"].shape[0] // 2
     beta = cfg.beta
     ref = None
@@ -214,17 +218,14 @@ def dpo_loss(model, batch: dict, cfg: DPOConfig, reference: Reference | None) ->
     logps, lengths = sequence_logps(model, batch)
     if cfg.loss_type == "simpo":
         average = logps / lengths
-        losses = dpo_losses(average[:n], average[n:], None, None, beta, "simpo", cfg.label_smoothing, cfg.simpo_gamma)
-        rewards = beta * average.detach()
+        losses, chosen, rejected = dpo_losses(average[:n], average[n:], None, None, beta, "simpo", cfg.label_smoothing, cfg.simpo_gamma)
     else:
-        losses = dpo_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, cfg.loss_type, cfg.label_smoothing)
-        rewards = beta * (logps - ref).detach()
+        losses, chosen, rejected = dpo_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, cfg.loss_type, cfg.label_smoothing)
     metrics = {}
     if cfg.sft_weight:
         nll = chosen_nll(logps[:n], lengths[:n])
         losses = losses + cfg.sft_weight * nll
         metrics["nll"] = nll.detach().sum()
-    chosen, rejected = rewards[:n], rewards[n:]
     metrics.update({
         "rewards/chosen": chosen.sum(), "rewards/rejected": rejected.sum(), "rewards/margins": (chosen - rejected).sum(),
         "rewards/accuracies": (chosen > rejected).float().sum(),
@@ -251,7 +252,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     shared = supports_custom_masks(model) and (not hasattr(reference, "model") or supports_custom_masks(reference.model))
     if reference is not None and cfg.precompute_ref_log_probs:
-        precompute_reference(reference, model, train_pairs + (eval_pairs or []), pad_id, cfg.per_device_eval_batch_size, shared)
+        precompute_reference(reference, model, train_pairs + (eval_pairs or []), pad_id, cfg.per_device_eval_batch_size, shared,
+                             cfg.mixed_precision)
         reference = None  # the last reference to a separate model: it is freed here
         gc.collect()
     stage = Stage(

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,7 +26,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from alignkit import atomic
 from alignkit.config import TrainConfig, save_config
+from alignkit.train.checkpoint import (  # noqa: F401  (find_checkpoint, trainable_state: used by ppo and tests)
+    advance_schedule, drop_later_checkpoints, find_checkpoint, kill_point, load_checkpoint, nonfinite_step, prepare_output_dir, save_checkpoint,
+    trainable_state,
+)
+from alignkit.precision import autocast, resolve_mixed_precision
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +59,7 @@ def load_datasets(cfg: TrainConfig, build: Callable[[str, str, str, dict], list]
     """Training and evaluation examples of a stage: `build(source, split, name, report)` for cfg.dataset and, if
     set, cfg.eval_dataset (built-in sources evaluate on their held-out "test" split). Returns them with the
     per-source report (counts of kept, truncated, dropped and invalid rows) that `write_data_report` saves."""
+    prepare_output_dir(cfg)  # the first thing every batch-loss trainer does with the run: refuse to mix runs
     report: dict = {}
     train_examples = build(cfg.dataset, cfg.dataset_split, "train", report)
     eval_split = "test" if cfg.eval_dataset.startswith(("builtin:", "builtin_pref:")) else cfg.dataset_split
@@ -61,8 +70,24 @@ def load_datasets(cfg: TrainConfig, build: Callable[[str, str, str, dict], list]
 
 
 def write_data_report(cfg: TrainConfig, report: dict) -> None:
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    Path(cfg.output_dir, "data_report.json").write_text(json.dumps(report, indent=1))
+    atomic.write_json(Path(cfg.output_dir, "data_report.json"), report)
+
+
+def write_config(cfg: TrainConfig, output_dir: Path) -> None:
+    save_config(cfg, output_dir / "config.yaml")  # atomic: a temporary name, then renamed
+
+
+def save_final_model(save: Callable[[Path], None], output_dir: Path) -> None:
+    """`save(folder)` writes the model into a temporary folder inside output_dir, whose files then replace
+    the old ones one rename each: a kill during the (slow) save leaves the previous model intact."""
+    tmp = output_dir / f".tmp-model-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save(tmp)
+        atomic.move_contents(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -73,12 +98,50 @@ def make_accelerator(cfg: TrainConfig):
     # process (or one stage in bf16 after another in fp32) needs a fresh one each time. The process
     # group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    # without cpu=True and no GPU, each torchrun process would silently train alone
+    # resolved once here ("auto" -> bf16 | no): every later reader (autocast, config.yaml) sees what runs
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    # without cpu=True and no GPU, each torchrun process would silently train alone. accelerate's own
+    # mixed precision gives fp16 its loss scaler; the autocast of every forward is `forward_context`.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise RuntimeError(f"launched with WORLD_SIZE={expected} but accelerate sees {accelerator.num_processes} process(es)")
     return accelerator
+
+
+def forward_context(cfg: TrainConfig, device):
+    """The context every forward of a stage runs in: autocast under --mixed_precision (see alignkit.precision)."""
+    return autocast(cfg.mixed_precision, device)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, in_eval_mode: bool = False) -> int:
+    """--gradient_checkpointing: every transformers model inside `model` (a peft wrapper, a reward model, PPO's
+    policy and critic) recomputes its layers' activations in the backward pass instead of keeping them.
+    Non-reentrant checkpointing (the one torch recommends); with frozen embeddings (LoRA) the inputs are made to
+    require grad, as transformers advises. transformers checkpoints only layers in training mode: `in_eval_mode`
+    (PPO keeps dropout off) flags the decoder layers alone as training, so their dropout modules stay off.
+    Returns how many models it was enabled on."""
+    from transformers import PreTrainedModel
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    inside_enabled: set[int] = set()
+    enabled = 0
+    for module in model.modules():  # pre-order: the outermost transformers model of each subtree comes first
+        if id(module) in inside_enabled or not isinstance(module, PreTrainedModel) or not module.supports_gradient_checkpointing:
+            continue
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers ≥ 5.x's name
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if any(not p.requires_grad for p in module.get_input_embeddings().parameters()):
+            module.enable_input_require_grads()
+        inside_enabled.update(id(m) for m in module.modules())
+        enabled += 1
+        if in_eval_mode:
+            for layer in module.modules():
+                if isinstance(layer, GradientCheckpointingLayer):
+                    layer.training = True  # the flag of this module only: its dropout children stay in eval mode
+    return enabled
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -113,74 +176,98 @@ def micro_batches(num_examples: int, batch_size: int, seed: int, start: int = 0)
             number += 1
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step; on resume, rows past the checkpoint are dropped."""
+REPORT_TO = ("none", "tensorboard", "wandb")
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
+
+def check_sharding_backend() -> None:
+    """accelerate (1.15) turns on FSDP and DeepSpeed only on GPUs and other accelerators: on a CPU-only machine
+    an `accelerate launch --config_file configs/accelerate/fsdp.yaml` run would silently train as plain DDP (or
+    each process alone). Refuse instead of pretending; see docs/distributed.md."""
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true" and not torch.cuda.is_available():
+            raise ValueError(f"the accelerate config asks for {name} ({variable}=true), which accelerate runs only on GPUs; this machine "
+                             "has none. On CPU use configs/accelerate/ddp.yaml (DDP over gloo) or torchrun")
+
+
+def check_engine_flags(cfg: TrainConfig) -> None:
+    """The engine's flags, checked before any model loads: --mixed_precision is resolved ("auto" -> bf16 | no,
+    fp16 off CUDA refused) and --report_to must name a destination that is available."""
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
+    check_sharding_backend()
+    if cfg.report_to not in REPORT_TO:
+        raise ValueError(f"--report_to must be one of {' | '.join(REPORT_TO)}, got {cfg.report_to!r}")
+    if cfg.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--report_to wandb needs the wandb package (pip install wandb); --report_to tensorboard works offline") from None
+
+
+def _scalars(row: dict) -> dict[str, float]:
+    """The numeric fields of a metrics row as (tag, value): eval_x -> eval/x, anything else -> train/x."""
+    scalars = {}
+    for key, value in row.items():
+        if key == "step" or isinstance(value, str) or value is None:
+            continue
+        tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+        scalars[tag] = float(value)
+    return scalars
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step, appended; on resume, rows past the checkpoint (and a line
+    torn by a kill) are dropped, in an atomic rewrite.
+    With --report_to tensorboard each row's numbers also go to OUTPUT/runs/ as scalars (events past the
+    checkpoint are purged on resume); with wandb, to the wandb run."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0, report_to: str = "none", run_dir: Path | None = None,
+                 config: TrainConfig | None = None):
         self.path, self.enabled = path, enabled
         if enabled and path.exists() and resume_step:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
+            atomic.write_jsonl(path, [r for r in _json_rows(path) if r.get("step", 0) <= resume_step])
         elif enabled and path.exists():
             path.unlink()
+        self.tensorboard = self.wandb = None
+        if enabled and report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir = run_dir or path.parent / "runs"
+            self.tensorboard = SummaryWriter(str(run_dir), purge_step=resume_step + 1 if resume_step else None)
+        elif enabled and report_to == "wandb":
+            import dataclasses
+
+            import wandb
+
+            self.wandb = wandb.init(project="alignkit", name=path.parent.name, dir=str(path.parent), resume="allow",
+                                    config=dataclasses.asdict(config) if config is not None else None)
 
     def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        step = int(row.get("step", 0))
+        if self.tensorboard is not None:
+            for tag, value in _scalars(row).items():
+                self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(_scalars(row), step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, state: dict, keep: int) -> None:
-    """Everything exact resume needs: trainable weights, optimizer, schedule, RNG, data position."""
-    from safetensors.torch import save_file
-
-    if accelerator.is_main_process:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(trainable_state(accelerator.unwrap_model(model)), str(directory / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "optimizer.pt")
-        (directory / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    accelerator.wait_for_everyone()
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    torch.save(rng, directory / f"rng_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and keep > 0:
-        for old in sorted(directory.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(spec: str, output_dir: str) -> Path | None:
-    if not spec:
-        return None
-    if spec == "latest":
-        found = sorted(Path(output_dir, "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        return found[-1] if found else None  # nothing saved yet: start from scratch
-    path = Path(spec)
-    if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a checkpoint (no trainer_state.json)")
-    return path
-
-
-def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
-
-    weights = load_file(str(directory / "trainable.safetensors"))
-    params = dict(accelerator.unwrap_model(model).named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    saved = torch.load(directory / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    rng_file = directory / f"rng_{accelerator.process_index}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-    return json.loads((directory / "trainer_state.json").read_text())
+def _json_rows(path: Path) -> list[dict]:
+    rows = []
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s: dropped a torn line (a killed run was writing it): %.60s", path, line)
+    return rows
 
 
 def progress_bar(enabled: bool):
@@ -212,7 +299,8 @@ def evaluate(stage: Stage, accelerator, model, cfg: TrainConfig) -> dict[str, fl
     mine = examples[accelerator.process_index :: accelerator.num_processes]
     for start in range(0, len(mine), cfg.per_device_eval_batch_size):
         chunk = mine[start : start + cfg.per_device_eval_batch_size]
-        loss_sum, metrics = stage.loss(model, _to_device(stage.collate(chunk), accelerator.device))
+        with forward_context(cfg, accelerator.device):
+            loss_sum, metrics = stage.loss(model, _to_device(stage.collate(chunk), accelerator.device))
         totals["loss"] += loss_sum.detach().float()
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0) + value.detach().float()
@@ -226,6 +314,33 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _grad_norm(model, cfg: TrainConfig, accelerator) -> tuple[float | None, float | None]:
+    """(the norm to log: clipped's pre-clip norm, or None without clipping; the norm to check for inf/nan,
+    None under fp16, whose loss scaler skips overflowing steps itself)."""
+    if cfg.max_grad_norm > 0:
+        norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        return norm, None if cfg.mixed_precision == "fp16" else norm
+    if cfg.mixed_precision == "fp16":
+        return None, None
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return None, float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _resume(cfg: TrainConfig, accelerator, model, optimizer, scheduler, output_dir: Path) -> tuple[dict, dict]:
+    """(trainer state, this process's unlogged metric sums) from --resume_from_checkpoint, or fresh ones."""
+    state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
+    checkpoint = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    if checkpoint is None:
+        return state, {}
+    saved, process_state = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+    state.update(saved)
+    if accelerator.is_main_process:
+        drop_later_checkpoints(output_dir, state["step"])
+    logger.info("resumed from %s at step %d", checkpoint, state["step"])
+    accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    return state, process_state
+
+
 def train(stage: Stage, cfg: TrainConfig) -> dict:
     """Run the optimizer steps; write metrics, checkpoints and the final model to cfg.output_dir."""
     from accelerate.utils import set_seed
@@ -235,86 +350,104 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+        write_config(cfg, output_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
 
     model = stage.model
     model.train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = make_optimizer(model, cfg)
     steps = total_steps(cfg, len(stage.train_examples), world)
     scheduler = make_scheduler(optimizer, cfg, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    state = {"step": 0, "tokens": 0}
-    checkpoint = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
-    log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, state["step"])
+    state, process_state = _resume(cfg, accelerator, model, optimizer, scheduler, output_dir)
+    log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, state["step"], cfg.report_to, config=cfg)
 
     per_step = cfg.gradient_accumulation_steps * world
     stream = micro_batches(len(stage.train_examples), cfg.per_device_train_batch_size, cfg.seed, state["step"] * per_step)
     micro_per_epoch = math.ceil(len(stage.train_examples) / cfg.per_device_train_batch_size)
+    # the metric sums of the steps since the last logged row (restored on resume, so rows match an uninterrupted run)
     window = {"loss": torch.zeros((), device=accelerator.device)}
-    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    window.update({k: v.to(accelerator.device) for k, v in process_state.get("window", {}).items()})
+    window_steps, window_tokens = state.pop("window_steps", 0), state.pop("window_tokens", 0)
+    window_start = time.perf_counter()
     last_row: dict = {}
 
     with progress_bar(cfg.progress and accelerator.is_main_process) as progress:
         bar = progress.add_task("train", total=steps, completed=state["step"], status="")
         while state["step"] < steps:
+            step = state["step"] + 1
             step_batches = [[stage.train_examples[i] for i in next(stream)] for _ in range(per_step)]
             denominator = sum(stage.weight(e) for batch in step_batches for e in batch)
             step_tokens = sum(stage.num_tokens(e) for batch in step_batches for e in batch)
             mine = step_batches[rank::world]
+            sums = {"loss": torch.zeros((), device=accelerator.device)}
             for index, examples in enumerate(mine):
                 batch = _to_device(stage.collate(examples), accelerator.device)
                 sync = index == len(mine) - 1
                 with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                    loss_sum, metrics = stage.loss(model, batch)
+                    with forward_context(cfg, accelerator.device):
+                        loss_sum, metrics = stage.loss(model, batch)
                     # DDP averages gradients over processes; scale so the result is the step's sum / denominator
                     accelerator.backward(loss_sum * (world / denominator))
-                window["loss"] += loss_sum.detach().float() / denominator
+                sums["loss"] += loss_sum.detach().float() / denominator
                 for key, value in metrics.items():
-                    window[key] = window.get(key, 0) + value.detach().float() / denominator
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                    sums[key] = sums.get(key, 0) + value.detach().float() / denominator
+            grad_norm, checked_norm = _grad_norm(model, cfg, accelerator)
+            step_loss = float(accelerator.reduce(sums["loss"], reduction="sum")) if world > 1 else float(sums["loss"])
             learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
+            skipped = nonfinite_step(step_loss, checked_norm, step, cfg)
+            if skipped:
+                # weights and optimizer moments stay; the batch is consumed and the schedule advances, so the
+                # data position and learning rate stay functions of the step number
+                state["nonfinite_skipped"] += 1
+            else:
+                optimizer.step()
+                for key, value in sums.items():
+                    window[key] = window.get(key, 0) + value
+                window_steps += 1
+            advance_schedule(scheduler)
             optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
+            state["step"] = step
             state["tokens"] += step_tokens
-            window_steps += 1
             window_tokens += step_tokens
-            step = state["step"]
 
             if step % cfg.logging_steps == 0 or step == steps:
                 elapsed = time.perf_counter() - window_start
-                reduced = {k: accelerator.reduce(v, reduction="sum").item() / window_steps for k, v in window.items()}
+                reduced = {k: accelerator.reduce(v, reduction="sum").item() / window_steps if window_steps else None for k, v in window.items()}
                 last_row = {
                     "step": step,
                     "epoch": round(step * per_step / micro_per_epoch, 4),
                     **reduced,
                     "learning_rate": learning_rate,
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "grad_norm": grad_norm,
                     "tokens": state["tokens"],
                     "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                    **({"nonfinite_skipped": state["nonfinite_skipped"]} if cfg.skip_nonfinite else {}),
                 }
                 log.write(last_row)
-                progress.update(bar, status=f"loss {reduced['loss']:.4f}  {last_row['tokens_per_second']:.0f} tok/s")
+                loss_text = "skipped" if reduced["loss"] is None else f"{reduced['loss']:.4f}"
+                progress.update(bar, status=f"loss {loss_text}  {last_row['tokens_per_second']:.0f} tok/s")
                 window = {key: torch.zeros((), device=accelerator.device) for key in window}
                 window_steps, window_tokens = 0, 0
             if stage.eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps):
                 eval_row = {"step": step, **evaluate(stage, accelerator, model, cfg)}
                 log.write(eval_row)
                 last_row = {**last_row, **eval_row}
+            kill_point("ALIGNKIT_KILL_AT_STEP", step)
             if cfg.save_steps and step % cfg.save_steps == 0:
-                save_checkpoint(output_dir / "checkpoints" / f"step-{step}", accelerator, model, optimizer, scheduler, dict(state), cfg.save_total_limit)
-            if window_steps == 0:
+                save_checkpoint(output_dir / "checkpoints" / f"step-{step}", accelerator, model, optimizer, scheduler,
+                                {**state, "window_steps": window_steps, "window_tokens": window_tokens}, cfg.save_total_limit, cfg,
+                                {"window": {k: torch.as_tensor(v).detach().cpu() for k, v in window.items()}})
+            if window_tokens == 0:
                 window_start = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
             progress.update(bar, completed=step)
 
+    log.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        stage.save(accelerator.unwrap_model(model), output_dir)
+        save_final_model(lambda folder: stage.save(accelerator.unwrap_model(model), folder), output_dir)
     accelerator.wait_for_everyone()
     return last_row

@@ -32,19 +32,21 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import PPOConfig, save_config
+from alignkit.config import PPOConfig
 from alignkit.data.formats import InvalidRows
 from alignkit.data.prompts import PromptExample, load_prompts
 from alignkit.data.tokenize import Formatting
 from alignkit.generation import SamplingParams
 from alignkit.losses import (
-    KL_ESTIMATORS, gae, grpo_advantages, kl_penalty, ppo_policy_loss_sum, ppo_value_loss_sum, rloo_advantages, whiten,
+    KL_ESTIMATORS, gae, grpo_advantages, kl_controller, kl_penalty, kl_shaped_rewards, masked_mean_var, ppo_policy_loss_sum,
+    ppo_value_loss_sum, rloo_advantages, whiten,
 )
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, unwrap_base
-from alignkit.rollout import Episodes, TextGenerationEnv, critic_values, policy_forward, rollout
+from alignkit.rollout import Episodes, critic_values, policy_forward, rollout
+from alignkit.train.checkpoint import advance_schedule, drop_later_checkpoints, kill_point, nonfinite_step, prepare_output_dir
 from alignkit.train.loop import (
-    MetricsLog, find_checkpoint, load_checkpoint, make_accelerator, make_optimizer, make_scheduler, micro_batches,
-    progress_bar, save_checkpoint,
+    MetricsLog, check_engine_flags, enable_gradient_checkpointing, find_checkpoint, forward_context, load_checkpoint,
+    make_accelerator, make_optimizer, make_scheduler, micro_batches, progress_bar, save_checkpoint, save_final_model, write_config,
 )
 
 ESTIMATORS = ("gae", "rloo", "grpo")
@@ -63,30 +65,13 @@ class ActorCritic(torch.nn.Module):
         return critic_values(self.critic, episodes, row_tokens) if self.critic is not None else from_policy
 
 
-class AdaptiveKLController:
-    """Ziegler et al. (2019): e = clip(KL / KL_target − 1, −0.2, 0.2);  β ← β · (1 + e · n / horizon),
-    with KL the mean per-response KL of the batch and n its number of responses."""
-
-    @staticmethod
-    def update(beta: float, kl: float, target: float, n: int, horizon: float) -> float:
-        error = min(max(kl / target - 1.0, -0.2), 0.2)
-        return beta * (1.0 + error * n / horizon)
-
-
-def _autocast(cfg: PPOConfig, device: torch.device):
-    """--mixed_precision bf16: forward passes in bfloat16 autocast; weights, optimizer, log-probs, losses
-    and advantages stay float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-
-
 def _one_minibatch(cfg: PPOConfig) -> bool:
     """Each iteration's responses form a single minibatch (the whole batch per optimizer step)."""
     return cfg.rollout_batch_size * cfg.num_samples_per_prompt <= cfg.mini_batch_size
 
 
 def _check(cfg: PPOConfig) -> None:
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"--mixed_precision {cfg.mixed_precision}: PPO supports no | bf16 (fp16 would need loss scaling)")
+    check_engine_flags(cfg)  # --mixed_precision (fp16 off CUDA is refused) and --report_to, before any model loads
     if not cfg.dataset:
         raise ValueError("--dataset is required (prompts: {'prompt'} or {'messages'} rows, or builtin:TASK)")
     if cfg.advantage_estimator not in ESTIMATORS:
@@ -166,17 +151,10 @@ class Processes:
             torch.distributed.all_reduce(p.grad)
 
 
-def _masked_stats(x: torch.Tensor, mask: torch.Tensor, procs: Processes) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, population variance) of x over the masked entries of the global batch."""
-    count = procs.sum(mask.sum()).clamp(min=1)
-    mean = procs.sum((x * mask).sum()) / count
-    return mean, procs.sum(((x - mean) ** 2 * mask).sum()) / count
-
-
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, procs: Processes) -> float:
     """1 − Var(R − V) / Var(R) over the response tokens of the batch."""
-    _, var = _masked_stats(returns, mask, procs)
-    _, residual = _masked_stats(returns - values, mask, procs)
+    _, var = masked_mean_var(returns, mask, procs.sum)
+    _, residual = masked_mean_var(returns - values, mask, procs.sum)
     return float(1 - residual / var) if var > 0 else float("nan")
 
 
@@ -284,13 +262,12 @@ def _experience(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", ref, re
     lap("reference")
 
     kl = kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
-    sequence_kl = kl.sum(1)
+    rewards = kl_shaped_rewards(scores, kl, mask, beta)
     if cfg.advantage_estimator == "gae":
-        rewards = -beta * kl + TextGenerationEnv.terminal_rewards(scores, mask)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    else:
+    else:  # a per-response baseline on R = score − β·Σ_t KL_t
         estimate = rloo_advantages if cfg.advantage_estimator == "rloo" else grpo_advantages
-        advantages, returns = estimate(scores - beta * sequence_kl, k)[:, None] * mask, None
+        advantages, returns = estimate(rewards.sum(1), k)[:, None] * mask, None
     if cfg.whiten_advantages and cfg.advantage_estimator != "grpo":
         advantages = whiten(advantages, mask, total=procs.sum)
 
@@ -300,28 +277,31 @@ def _experience(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", ref, re
         "score": float(procs.gather(raw).mean()),
         **{name: float(procs.sum(torch.tensor(total))) / n_all for name, total in parts.items()},
         "score_shaped": float(procs.gather(scores).mean()),
-        "reward": float(procs.gather(scores - beta * sequence_kl).mean()),
-        "kl": float(procs.gather(sequence_kl).mean()),
+        "reward": float(procs.gather(rewards.sum(1)).mean()),
+        "kl": float(procs.gather(kl.sum(1)).mean()),
         "kl_coef": beta,
-        "entropy": float(_masked_stats(entropy, mask, procs)[0]),
+        "entropy": float(masked_mean_var(entropy, mask, procs.sum)[0]),
         "response_length": float(lengths.mean()),
         "eos_fraction": float(procs.gather(episodes.finished.float()).mean()),
     }
     if returns is not None:
-        stats.update(returns=float(_masked_stats(returns, mask, procs)[0]), values=float(_masked_stats(old_values, mask, procs)[0]),
+        stats.update(returns=float(masked_mean_var(returns, mask, procs.sum)[0]), values=float(masked_mean_var(old_values, mask, procs.sum)[0]),
                      explained_variance=_explained_variance(old_values, returns, mask, procs))
     tokens = procs.gather(episodes.prompt_mask.sum(1).to(device).float()) + lengths
     return Experience(episodes, mask, old_logp, old_values, advantages, returns, lengths, tokens, stats, seconds, first_values)
 
 
 def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer, scheduler, exp: Experience, step: int,
-              ptx: list, ptx_stream, pad_id: int, device) -> dict:
-    """Step 5: epochs × minibatches of the global batch; each process computes its rows' share of the loss."""
+              ptx: list, ptx_stream, pad_id: int, device, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Step 5: epochs × minibatches of the global batch; each process computes its rows' share of the loss.
+    `scaler`: fp16's loss scaler (a disabled one, i.e. plain backward and step, when None)."""
     from alignkit.train.sft import collate as sft_collate, sft_loss
 
     params = [p for p in policy.parameters() if p.requires_grad]
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     n_all, start = len(exp.lengths), time.perf_counter()
     totals, updates, trained_tokens, stopped, first_ratio_error = {}, 0, 0.0, False, float("nan")
+    skipped = 0  # updates whose loss or gradient was not finite (--skip_nonfinite)
     for epoch in range(cfg.num_ppo_epochs):
         order = torch.randperm(n_all, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)).tolist()
         for first in range(0, n_all, cfg.mini_batch_size):
@@ -334,7 +314,7 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
                 index = torch.tensor(mine, device=device)
                 m = exp.mask[index]
                 minibatch = exp.episodes.select(mine)
-                with _autocast(cfg, device):
+                with forward_context(cfg, device):
                     out = policy_forward(policy.lm, minibatch, cfg.temperature, policy.value_head, row_tokens=cfg.shared_prefix_tokens)
                 old = exp.old_logp[index]
                 ratio_error = ((out.logprobs.detach() - old).exp() - 1).abs().mul(m).max()
@@ -343,7 +323,7 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
                 loss = policy_sum / tokens
                 sums[0], sums[1] = policy_sum.detach(), clipped
                 if exp.returns is not None:
-                    with _autocast(cfg, device):
+                    with forward_context(cfg, device):
                         if exp.first_values is not None:  # epoch 0's only minibatch: V at θ_old is V_old, graph and all
                             values, exp.first_values = exp.first_values[index], None
                         else:
@@ -366,16 +346,25 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
                 ptx_sum = torch.zeros((), device=device)
                 if ptx_rows[procs.rank :: procs.world]:
                     ptx_batch = {key: v.to(device) for key, v in sft_collate([ptx[i] for i in ptx_rows[procs.rank :: procs.world]], pad_id).items()}
-                    with _autocast(cfg, device):
+                    with forward_context(cfg, device):
                         ptx_sum, _ = sft_loss(policy.lm, ptx_batch)
                     loss = cfg.ptx_coef * ptx_sum / normalizer + (loss if loss is not None else 0)
                 metrics["ptx_loss"] = procs.sum(ptx_sum.detach()) / normalizer
             if loss is not None:
-                loss.backward()
+                scaler.scale(loss).backward()
             procs.sum_gradients(params)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            scaler.unscale_(optimizer)  # every process holds the same summed gradients: they agree on skipping a step
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            if not scaler.is_enabled():  # fp16's scaler skips non-finite steps itself (and lowers its scale)
+                step_loss = float(sums[0] + cfg.vf_coef * sums[2] + cfg.ptx_coef * metrics.get("ptx_loss", 0.0))
+                if nonfinite_step(step_loss, float(grad_norm), step, cfg):
+                    # weights and moments stay; the schedule advances so the LR stays a function of the update count
+                    optimizer.zero_grad(set_to_none=True)
+                    advance_schedule(scheduler)
+                    skipped += 1
+                    continue
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             for key, value in metrics.items():
@@ -387,6 +376,7 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
     seconds = time.perf_counter() - start
     return {**{key: value / max(updates, 1) for key, value in totals.items()}, "ppo_updates": updates,
             "ratio_error_before_update": first_ratio_error, "early_stopped": stopped,
+            **({"nonfinite_skipped": skipped} if cfg.skip_nonfinite else {}),
             "training_tokens_per_second": trained_tokens / max(seconds, 1e-9), "seconds": seconds}
 
 
@@ -436,6 +426,17 @@ def _build_models(cfg: PPOConfig, device) -> tuple[ActorCritic, torch.nn.Module 
     return policy, ref.to(device) if ref is not None else None
 
 
+def _save_policy(policy: ActorCritic, tokenizer, folder: Path) -> None:
+    """The policy in HF format, plus value_head.safetensors or critic/."""
+    save_model(policy.lm, tokenizer, folder)
+    if policy.value_head is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
+    if policy.critic is not None:
+        policy.critic.model.save_pretrained(folder / "critic", safe_serialization=True)
+
+
 def run_ppo(cfg: PPOConfig) -> dict:
     """Train cfg.model_name_or_path with PPO/RLOO/GRPO on the prompts of cfg.dataset; returns the last metrics row."""
     from accelerate.utils import set_seed
@@ -443,6 +444,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     from alignkit.rewards import build_reward
 
     _check(cfg)
+    prepare_output_dir(cfg)  # before anything loads: refuse to mix runs
     accelerator = make_accelerator(cfg)
     k = cfg.num_samples_per_prompt
     procs = Processes(accelerator.num_processes, accelerator.process_index, k)
@@ -453,7 +455,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+        write_config(cfg, output_dir)
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, cfg, verbose=main)
@@ -466,14 +468,21 @@ def run_ppo(cfg: PPOConfig) -> dict:
     updates_per_iteration = cfg.num_ppo_epochs * math.ceil(cfg.rollout_batch_size * k / cfg.mini_batch_size)
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.max_steps * updates_per_iteration)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")  # fp16 (CUDA only): loss scaling
     policy.eval()  # no dropout: rollout and training log-probs must agree
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy, in_eval_mode=True)
 
     state = {"step": 0, "kl_coef": cfg.kl_coef, "updates": 0}
     checkpoint = find_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator, policy, optimizer, scheduler)
+        state, _ = load_checkpoint(checkpoint, accelerator, policy, optimizer, scheduler)
+        if main:
+            drop_later_checkpoints(output_dir, state["step"])
         accelerator.print(f"resumed from {checkpoint} at iteration {state['step']}")
-    log = MetricsLog(output_dir / "metrics.jsonl", main, state["step"])
+    # β: fixed, or adapted towards --kl_target; its value lives in the checkpoint state as "kl_coef"
+    kl_control = kl_controller(state["kl_coef"], cfg.kl_target, cfg.kl_horizon)
+    log = MetricsLog(output_dir / "metrics.jsonl", main, state["step"], cfg.report_to, config=cfg)
     stream = micro_batches(len(prompts), cfg.rollout_batch_size, cfg.seed, state["step"])
     ptx_stream = micro_batches(len(ptx), cfg.mini_batch_size, cfg.seed + 1, state["updates"]) if ptx else None
     last_row: dict = {}
@@ -481,9 +490,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     with progress_bar(cfg.progress and main) as progress:
         bar = progress.add_task("ppo", total=cfg.max_steps, completed=state["step"], status="")
         while state["step"] < cfg.max_steps:
-            step, beta = state["step"] + 1, state["kl_coef"]
+            step, beta = state["step"] + 1, kl_control.value
             mine = [prompts[i] for i in next(stream)][procs.rank :: procs.world]
-            with _autocast(cfg, device):  # sampling, scoring, reference and critic passes
+            with forward_context(cfg, device):  # sampling, scoring, reference and critic passes
                 exp = _experience(cfg, procs, policy, ref, reward, tokenizer, [p for p in mine for _ in range(k)], step, beta, device)
             if gold is not None:  # the same samples, scored by the gold function
                 gold_raw, _ = _score(gold, exp.episodes, [p for p in mine for _ in range(k)], device)
@@ -494,10 +503,10 @@ def run_ppo(cfg: PPOConfig) -> dict:
                     logger.warning("iteration %d: over-optimization? over the last %d iterations the score rose (%.3f -> %.3f) while the "
                                    "gold score fell (%.3f -> %.3f)", step, OVEROPTIMIZATION_WINDOW, history["score"][-OVEROPTIMIZATION_WINDOW],
                                    history["score"][-1], history["gold_score"][-OVEROPTIMIZATION_WINDOW], history["gold_score"][-1])
-            update = _optimize(cfg, procs, policy, optimizer, scheduler, exp, step, ptx, ptx_stream, tokenizer.pad_token_id, device)
+            update = _optimize(cfg, procs, policy, optimizer, scheduler, exp, step, ptx, ptx_stream, tokenizer.pad_token_id, device, scaler)
             state["updates"] += update["ppo_updates"]
-            if cfg.kl_target > 0:
-                state["kl_coef"] = AdaptiveKLController.update(beta, exp.stats["kl"], cfg.kl_target, len(exp.lengths), cfg.kl_horizon)
+            kl_control.update(exp.stats["kl"], len(exp.lengths))
+            state["kl_coef"] = kl_control.value
             state["step"] = step
             if step % cfg.logging_steps == 0 or step == cfg.max_steps:
                 # the slowest process sets the pace of each phase
@@ -510,18 +519,15 @@ def run_ppo(cfg: PPOConfig) -> dict:
                 }
                 log.write(last_row)
                 progress.update(bar, status=f"score {last_row['score']:.3f}  kl {last_row['kl']:.3f}")
+            kill_point("ALIGNKIT_KILL_AT_STEP", step)
             if cfg.save_steps and step % cfg.save_steps == 0:
-                save_checkpoint(output_dir / "checkpoints" / f"step-{step}", accelerator, policy, optimizer, scheduler, dict(state), cfg.save_total_limit)
+                save_checkpoint(output_dir / "checkpoints" / f"step-{step}", accelerator, policy, optimizer, scheduler, dict(state),
+                                cfg.save_total_limit, cfg)
             progress.update(bar, completed=step)
 
+    log.close()
     accelerator.wait_for_everyone()
     if main:
-        save_model(policy.lm, tokenizer, output_dir)
-        if policy.value_head is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}, str(output_dir / "value_head.safetensors"))
-        if policy.critic is not None:
-            policy.critic.model.save_pretrained(output_dir / "critic", safe_serialization=True)
+        save_final_model(lambda folder: _save_policy(policy, tokenizer, folder), output_dir)
     accelerator.wait_for_everyone()
     return last_row

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit import atomic
 from alignkit.config import RMConfig
 from alignkit.data.formats import InvalidRows
 from alignkit.data.preferences import TokenizedPreference, load_preferences, tokenize_preferences
@@ -31,8 +32,9 @@ from alignkit.data.tokenize import Formatting, pad_right
 from alignkit.losses import reward_model_loss_sum
 from alignkit.models import LoraSettings, apply_lora, load_tokenizer, save_model
 from alignkit.packing import supports_custom_masks, tree_mask
+from alignkit.precision import autocast
 from alignkit.rewards import RewardModel, init_head, load_reward_model, score_sequences, write_normalization
-from alignkit.train.loop import Stage, load_datasets, train, write_data_report
+from alignkit.train.loop import Stage, check_engine_flags, load_datasets, train, write_data_report
 
 
 def formatting(cfg: RMConfig) -> Formatting:
@@ -143,7 +145,9 @@ def normalize(cfg: RMConfig, tokenizer) -> dict:
     worse = [{w for _, w in item.pairs} for item in items]
     sequences = [s for item, w in zip(items, worse) for k, s in enumerate(item.sequences) if k not in w]
     rm, _ = load_reward_model(cfg.output_dir)
-    rewards = torch.tensor(score_sequences(rm, sequences, tokenizer.pad_token_id, cfg.per_device_eval_batch_size), dtype=torch.float64)
+    with autocast(cfg.mixed_precision, next(rm.parameters()).device):  # scored as training scored them
+        scores = score_sequences(rm, sequences, tokenizer.pad_token_id, cfg.per_device_eval_batch_size)
+    rewards = torch.tensor(scores, dtype=torch.float64)
     mean, std = rewards.mean().item(), rewards.std().item() if len(rewards) > 1 else 0.0
     write_normalization(cfg.output_dir, mean, std, cfg.normalize_dataset)
     print(f"normalized on {len(sequences)} responses of {cfg.normalize_dataset}: mean {mean:.4f} -> 0 (std {std:.4f})")
@@ -162,6 +166,7 @@ def run_rm(cfg: RMConfig) -> dict:
     """Train a reward model on cfg.dataset's comparisons; returns the last logged metrics."""
     if not cfg.dataset:
         raise ValueError("--dataset is required: preference rows (prompt/chosen/rejected, or prompt/responses) or builtin_pref:TASK")
+    check_engine_flags(cfg)  # --mixed_precision, --report_to: bad values fail before any model loads
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     build = lambda source, split, name, report: build_examples(source, split, tokenizer, cfg, name, report)  # noqa: E731
     train_examples, eval_examples, report = load_datasets(cfg, build, "training examples")
@@ -184,7 +189,7 @@ def run_rm(cfg: RMConfig) -> dict:
         return row
     metrics = Path(cfg.output_dir, "metrics.jsonl")
     rows = [add_reward_std(json.loads(line)) for line in metrics.read_text().splitlines() if line.strip()]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic.write_jsonl(metrics, rows)
     if cfg.normalize_dataset:
         row.update(normalize(cfg, tokenizer))
     return row

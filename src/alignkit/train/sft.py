@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -11,7 +11,7 @@ from alignkit.data.formats import InvalidRows, load_sft_examples
 from alignkit.data.tokenize import Formatting, pack, tokenize_all
 from alignkit.losses import weighted_cross_entropy_sum
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, selected_logits
-from alignkit.train.loop import Stage, load_datasets, train, write_data_report
+from alignkit.train.loop import Stage, check_engine_flags, load_datasets, train, write_data_report
 
 
 @dataclass
@@ -86,6 +86,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     """Fine-tune cfg.model_name_or_path on cfg.dataset; returns the last logged metrics."""
     if not cfg.dataset:
         raise ValueError("--dataset is required (a file, a datasets dir, a hub id, or builtin:TASK[,TASK])")
+    check_engine_flags(cfg)  # --mixed_precision, --report_to: bad values fail before any model loads
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     build = lambda source, split, name, report: build_examples(source, split, tokenizer, cfg, name, report)  # noqa: E731
     train_examples, eval_examples, report = load_datasets(cfg, build, "training examples")

@@ -1,0 +1,88 @@
+"""--mixed_precision: every trainer's forwards really run in bf16 (the dtype that reaches the LM head or the
+score head), the step-1 loss moves off fp32's by bf16 rounding only, weights are saved in float32; `auto`
+and fp16 resolve as documented."""
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from stages import files, run_stage  # noqa: F401 (a fixture)
+
+from alignkit.precision import autocast, resolve_mixed_precision
+
+
+@pytest.fixture
+def head_dtypes(tokenizer):
+    """The output dtypes of every LM head (a Linear onto the vocabulary) and scalar head (a Linear onto 1) that runs."""
+    seen: set[torch.dtype] = set()
+    vocabulary = len(tokenizer)
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Linear) and module.out_features in (1, vocabulary):
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    yield seen
+    handle.remove()
+
+
+# the value each stage logs that a forward pass decides at step 1 (PPO: the policy's entropy on its own samples)
+STEP_ONE = {"sft": "loss", "rm": "loss", "dpo": "loss", "ppo": "entropy"}
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo"])
+def test_bf16_reaches_the_heads_and_moves_the_loss_by_rounding_only(stage, files, tiny_model_dir, tmp_path, head_dtypes):  # noqa: F811
+    """fp32: every head computes in float32. bf16: in bfloat16 — so a trainer that ignores the flag fails
+    here, and so does one whose loss helpers bypass accelerate's wrapped forward. The step-1 value differs
+    from fp32's (bf16 keeps 8 bits of mantissa, relative rounding 2^-8 ≈ 0.4% per matmul) but by < 2%."""
+    fp32 = run_stage(stage, files, tiny_model_dir, tmp_path / "fp32")[0][STEP_ONE[stage]]
+    assert head_dtypes == {torch.float32}
+    head_dtypes.clear()
+    bf16 = run_stage(stage, files, tiny_model_dir, tmp_path / "bf16", mixed_precision="bf16")[0][STEP_ONE[stage]]
+    assert head_dtypes == {torch.bfloat16}
+    assert bf16 != fp32 and abs(bf16 - fp32) < 0.02 * abs(fp32), (fp32, bf16)
+    saved = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert "mixed_precision: bf16" in (tmp_path / "bf16" / "config.yaml").read_text()
+
+
+def test_auto_picks_bf16_only_where_the_device_has_it(monkeypatch, caplog):
+    from alignkit import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    with caplog.at_level(logging.INFO, logger="alignkit.precision"):
+        assert resolve_mixed_precision("auto", "cpu") == "no"
+    assert "no AVX512-BF16" in caplog.text
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert resolve_mixed_precision("auto", "cpu") == "bf16"
+    assert resolve_mixed_precision("bf16", "cpu") == "bf16" and resolve_mixed_precision("no", "cpu") == "no"
+
+
+def test_fp16_is_refused_on_cpu_and_unknown_values_name_the_flag():
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        resolve_mixed_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="--mixed_precision must be one of no | bf16 | fp16 | auto"):
+        resolve_mixed_precision("bf32", "cpu")
+
+
+def test_fp16_is_refused_before_any_model_loads(files, tmp_path, monkeypatch):  # noqa: F811
+    """A CPU run with fp16 stops before loading a model (the model path does not even exist)."""
+    from alignkit.config import SFTConfig
+    from alignkit.train.sft import run_sft
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    cfg = SFTConfig(model_name_or_path=str(tmp_path / "missing"), dataset=str(files / "sft.jsonl"), output_dir=str(tmp_path / "out"),
+                    mixed_precision="fp16")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        run_sft(cfg)
+
+
+def test_autocast_context_is_the_one_policy():
+    linear = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with autocast("bf16", "cpu"):
+        assert linear(x).dtype == torch.bfloat16
+    with autocast("no", "cpu"):
+        assert linear(x).dtype == torch.float32
