@@ -189,21 +189,10 @@ data_app.command("flan", help="Render data sets through Flan-style templates and
 data_app.command("self-instruct")(self_instruct_command)
 
 
-@dataclass
-class DemoConfig:
-    model_name_or_path: str = knob("smollm2-135m-instruct", "HF model dir, hub id, or built-in name")
-    output_dir: str = knob("outputs/demo", "where the fine-tuned model and report.md go", path="output_dir")
-    max_steps: int = knob(60, "optimizer steps of the fine-tuning", min=1)
-    eval_per_task: int = knob(15, "held-out items per task, scored before and after", min=1)
+from alignkit.pipeline.command import demo, pipeline  # noqa: E402
 
-
-def run_demo_command(cfg: DemoConfig) -> None:
-    from alignkit.pipeline.demo import run_demo
-
-    run_demo(cfg.model_name_or_path, cfg.output_dir, cfg.max_steps, cfg.eval_per_task)
-
-
-config_command("demo", DemoConfig, run_demo_command, "The main job: fine-tune the built-in model on built-in tasks; compare before and after.")
+app.command("pipeline")(pipeline)
+app.command("demo")(demo)
 
 
 from alignkit.evaluate.commands import eval_app  # noqa: E402

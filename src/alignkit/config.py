@@ -398,6 +398,8 @@ class PPOConfig(TrainConfig):
     score_clip: float = knob(0.0, "clip scores to [−c, c] (0 = off)", min=0)
     ptx_coef: float = knob(0.0, "PPO-ptx: weight of the LM loss on --ptx_dataset mixed into each update", min=0)
     ptx_dataset: str = knob("", "PPO-ptx: pretraining text (any SFT format; all tokens are predicted)")
+    gold_reward_fn: str = knob("", "log only: a reward function (--reward_fn spec) that scores the same samples each iteration, logged as "
+                               "gold_score and never trained on; warns when the score rises while the gold falls (over-optimization)")
 
     def validate(self) -> None:
         super().validate()

@@ -24,6 +24,7 @@ statistics, loss normalizers and gradients span all processes (`Processes`).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from alignkit.train.loop import (
 )
 
 ESTIMATORS = ("gae", "rloo", "grpo")
+logger = logging.getLogger(__name__)
 
 
 class ActorCritic(torch.nn.Module):
@@ -378,6 +380,24 @@ def _optimize(cfg: PPOConfig, procs: Processes, policy: "ActorCritic", optimizer
             "training_tokens_per_second": trained_tokens / max(seconds, 1e-9), "seconds": seconds}
 
 
+OVEROPTIMIZATION_WINDOW = 4  # iterations
+
+
+def _slope(values: list[float]) -> float:
+    """Least-squares slope of values against 0, 1, 2, ..."""
+    n = len(values)
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    return sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sum((x - mean_x) ** 2 for x in range(n))
+
+
+def overoptimized(proxy: list[float], gold: list[float], window: int = OVEROPTIMIZATION_WINDOW) -> bool:
+    """Reward over-optimization (Gao et al. 2022): over the last `window` iterations the trained-on score rose
+    (positive least-squares slope) while the gold score of the same samples fell (negative slope)."""
+    if len(proxy) < window or len(gold) < window:
+        return False
+    return _slope(proxy[-window:]) > 0 and _slope(gold[-window:]) < 0
+
+
 def _build_models(cfg: PPOConfig, device) -> tuple[ActorCritic, torch.nn.Module | None]:
     """(policy with its value head or critic, frozen reference or None = the policy with its adapters disabled)."""
     lm = load_causal_lm(cfg.model_name_or_path)
@@ -440,6 +460,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, cfg, verbose=main)
     reward = build_reward(cfg.reward_model, cfg.reward_fn, cfg.reward_weights, device=device)
+    gold = build_reward("", cfg.gold_reward_fn) if cfg.gold_reward_fn else None  # log only, never trained on
+    history: dict[str, list[float]] = {"score": [], "gold_score": []}
     ptx = _ptx_examples(cfg, tokenizer) if cfg.ptx_coef > 0 else []
     policy, ref = _build_models(cfg, device)
     procs.broadcast([p for p in policy.parameters() if p.requires_grad])
@@ -472,6 +494,15 @@ def run_ppo(cfg: PPOConfig) -> dict:
             mine = [prompts[i] for i in next(stream)][procs.rank :: procs.world]
             with forward_context(cfg, device):  # sampling, scoring, reference and critic passes
                 exp = _experience(cfg, procs, policy, ref, reward, tokenizer, [p for p in mine for _ in range(k)], step, beta, device)
+            if gold is not None:  # the same samples, scored by the gold function
+                gold_raw, _ = _score(gold, exp.episodes, [p for p in mine for _ in range(k)], device)
+                exp.stats["gold_score"] = float(procs.gather(gold_raw).mean())
+                for key in history:
+                    history[key].append(exp.stats[key])
+                if overoptimized(history["score"], history["gold_score"]) and main:
+                    logger.warning("iteration %d: over-optimization? over the last %d iterations the score rose (%.3f -> %.3f) while the "
+                                   "gold score fell (%.3f -> %.3f)", step, OVEROPTIMIZATION_WINDOW, history["score"][-OVEROPTIMIZATION_WINDOW],
+                                   history["score"][-1], history["gold_score"][-OVEROPTIMIZATION_WINDOW], history["gold_score"][-1])
             update = _optimize(cfg, procs, policy, optimizer, scheduler, exp, step, ptx, ptx_stream, tokenizer.pad_token_id, device, scaler)
             state["updates"] += update["ppo_updates"]
             kl_control.update(exp.stats["kl"], len(exp.lengths))
