@@ -29,7 +29,7 @@ def pipeline(
         from rich.console import Console
 
         Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=1) from None
     except USER_ERRORS as error:
         _fail(error)
 

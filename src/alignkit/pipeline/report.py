@@ -186,7 +186,7 @@ def stage_report(recipe: Recipe, run: Path, resume: bool) -> dict:
 
 
 def markdown(recipe: Recipe, run: Path, summary: dict, figures: list[str]) -> str:
-    lines = [f"# alignkit pipeline report", "", f"Model `{recipe.model}`, stages {', '.join(recipe.stages)}, seed {recipe.seed}; "
+    lines = ["# alignkit pipeline report", "", f"Model `{recipe.model}`, stages {', '.join(recipe.stages)}, seed {recipe.seed}; "
              f"gold judge `{recipe.gold_judge}`, comparisons labelled by `{recipe.compare.judge}`.", ""]
     table, columns = summary["eval"], ("exact_match", "gold_score", "win_rate_vs_sft", "kl_to_sft", "response_tokens", "refusal_rate", "rouge_l")
     if table:
