@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -49,6 +49,8 @@ class Stage:
     num_tokens: Callable[[Any], int]  # its non-padding tokens, for throughput
     save: Callable[[torch.nn.Module, Path], None]  # writes the final model in HF format
     eval_examples: list | None = None
+    # values the stage sets once and exact resume must restore (JSON-serialisable); saved in every checkpoint
+    state: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +72,9 @@ def load_datasets(cfg: TrainConfig, build: Callable[[str, str, str, dict], list]
 
 
 def write_data_report(cfg: TrainConfig, report: dict) -> None:
-    atomic.write_json(Path(cfg.output_dir, "data_report.json"), report)
+    # rank 0 alone: it runs the output-dir guard, which another rank's early write would trip
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic.write_json(Path(cfg.output_dir, "data_report.json"), report)
 
 
 def write_config(cfg: TrainConfig, output_dir: Path) -> None:
@@ -363,6 +367,7 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state, process_state = _resume(cfg, accelerator, model, optimizer, scheduler, output_dir)
+    stage.state.update(state.pop("stage", {}))
     log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, state["step"], cfg.report_to, config=cfg)
 
     per_step = cfg.gradient_accumulation_steps * world
@@ -439,7 +444,7 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
             kill_point("ALIGNKIT_KILL_AT_STEP", step)
             if cfg.save_steps and step % cfg.save_steps == 0:
                 save_checkpoint(output_dir / "checkpoints" / f"step-{step}", accelerator, model, optimizer, scheduler,
-                                {**state, "window_steps": window_steps, "window_tokens": window_tokens}, cfg.save_total_limit, cfg,
+                                {**state, "stage": dict(stage.state), "window_steps": window_steps, "window_tokens": window_tokens}, cfg.save_total_limit, cfg,
                                 {"window": {k: torch.as_tensor(v).detach().cpu() for k, v in window.items()}})
             if window_tokens == 0:
                 window_start = time.perf_counter()  # eval and checkpoint time stay out of tokens/s

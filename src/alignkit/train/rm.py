@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -94,18 +94,19 @@ class RewardShift:
     the means of r and (r − c)²: var = E[(r − c)²] − (E[r] − c)², exact for any constant c. With c = 0
     that subtraction cancels: rewards of −2.7 ± 0.09 lose a factor (2.7 / 0.09)² ≈ 900 of float32's
     precision (std off by 1e-4 relative). c = the mean reward of the first training batch (averaged over
-    processes, so every process sums around the same c) keeps E[r] − c within a few stds of zero."""
+    processes, so every process sums around the same c) keeps E[r] − c within a few stds of zero. c lives
+    in `state`, the stage's checkpointed state, so a resumed run sums around the c of the first run."""
 
-    value: float | None = None
+    state: dict = field(default_factory=dict)
 
     def of(self, rewards: torch.Tensor) -> float:
-        if self.value is None:
+        if "reward_shift" not in self.state:
             mean = rewards.detach().float().mean()
             if torch.distributed.is_available() and torch.distributed.is_initialized():  # first batch: every process is here
                 torch.distributed.all_reduce(mean)
                 mean /= torch.distributed.get_world_size()
-            self.value = mean.item()  # a float32 value: r − c below subtracts exactly this c
-        return self.value
+            self.state["reward_shift"] = mean.item()  # a float32 value: r − c below subtracts exactly this c
+        return self.state["reward_shift"]
 
 
 def rm_loss(model, batch: dict, center_coefficient: float = 0.0, shift: RewardShift | None = None) -> tuple[torch.Tensor, dict]:
@@ -211,6 +212,7 @@ def run_rm(cfg: RMConfig) -> dict:
         weight=lambda e: 1.0,
         num_tokens=lambda e: sum(len(e.prompt_ids) + len(r) for r in e.response_ids),
         save=lambda model, directory: save_reward_model(model, tokenizer, directory),
+        state=shift.state,
     )
     row = add_reward_std(train(stage, cfg))
     if os.environ.get("RANK", "0") != "0":
