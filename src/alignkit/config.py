@@ -177,6 +177,16 @@ def read_yaml(config_file: str) -> tuple[dict, dict[str, int]]:
     return data, lines
 
 
+def _checked(f, raw: Any, hint: Any, where: str) -> Any:
+    """`raw` coerced to the field's type and checked against its declaration; errors name `where` (file:line: key, or --flag)."""
+    try:
+        value = coerce(f.name, raw, hint)
+        check_value(f, value)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    return value
+
+
 def load_config(cls: type, config_file: str | None = None, overrides: dict[str, Any] | None = None):
     """Build `cls` from defaults, then the YAML file, then explicit overrides (None = not given); check every value
     against its declaration and run `cls.validate`. Errors are ConfigError naming the flag (or file:line: key)."""
@@ -199,22 +209,12 @@ def load_config(cls: type, config_file: str | None = None, overrides: dict[str, 
             if f is None:
                 raise ConfigError(f"{config_file}:{lines.get(str(key), '?')}: unknown key '{key}'; valid keys are the flag names "
                                   f"without dashes: {', '.join(sorted(x.name for x in dataclasses.fields(cls)))}")
-            try:
-                value = coerce(f.name, raw, hints[f.name])
-                check_value(f, value)
-            except ConfigError as error:
-                raise ConfigError(f"{where}: {error}") from None
-            values[f.name] = value
+            values[f.name] = _checked(f, raw, hints[f.name], where)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
         f = names[key]
-        try:
-            value = coerce(f.name, value, hints[f.name])
-            check_value(f, value)
-        except ConfigError as error:
-            raise ConfigError(f"--{f.name}: {error}") from None
-        values[f.name] = value
+        values[f.name] = _checked(f, value, hints[f.name], f"--{f.name}")
     for f in dataclasses.fields(cls):
         if f.metadata.get("required") and not values.get(f.name):
             raise ConfigError(f"--{f.name} is required: {f.metadata['help']}")
