@@ -112,6 +112,35 @@ def test_resume_refuses_other_settings_naming_them_and_latest_without_checkpoint
         prepare_output_dir(SFTConfig(**{**same.__dict__, "learning_rate": 5e-3}))
 
 
+def test_resume_refuses_a_dataset_whose_contents_changed(tiny_model_dir, data_file, tmp_path):
+    """Same --dataset path, one row edited to the same size (size and mtime alone could miss it): refused,
+    naming the dataset; the untouched file resumes. A data set's bytes are hashed once per run."""
+    from alignkit.train import checkpoint
+
+    data, out = tmp_path / "train.jsonl", str(tmp_path / "out")
+    shutil.copy(data_file, data)
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset=str(data), output_dir=out, max_steps=2, per_device_train_batch_size=4,
+                    max_length=128, learning_rate=1e-3, logging_steps=1, progress=False)
+    run_sft(**{**settings, "save_steps": 1})
+    resume = SFTConfig(**settings, resume_from_checkpoint="latest")
+    assert prepare_output_dir(resume).name == "step-2"
+    lines = data.read_text().splitlines(keepends=True)
+    row = json.loads(lines[1])
+    row["completion"] = row["completion"][::-1] if row["completion"][::-1] != row["completion"] else row["completion"].swapcase()
+    edited = json.dumps(row) + "\n"
+    assert len(edited) == len(lines[1]) and edited != lines[1]
+    stat = data.stat()
+    data.write_text("".join([lines[0], edited, *lines[2:]]))
+    import os
+
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same size and mtime: only the bytes tell
+    checkpoint._hashed.clear()  # a new process would not have the old digest cached
+    with pytest.raises(ValueError, match=r"dataset contents: was 'sha256:[0-9a-f]{16}', now 'sha256:[0-9a-f]{16}'"):
+        prepare_output_dir(resume)
+    assert checkpoint.data_contents("builtin:comparison:20") == "builtin"
+    assert checkpoint.data_contents("no-such-org/no-such-set") == "revision: not in the local hub cache"
+
+
 def test_save_total_limit_and_weights_only(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "out"
     run_sft(model_name_or_path=str(tiny_model_dir), dataset=str(data_file), output_dir=str(out), max_steps=3, save_steps=1, save_total_limit=1,
