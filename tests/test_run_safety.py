@@ -263,3 +263,59 @@ def test_ppo_nonfinite_update_stops_or_is_skipped_and_counted(tiny_model_dir, tm
     assert [r["nonfinite_skipped"] for r in rows] == [2, 2]  # 4 responses / minibatches of 2, one epoch
     before, after = load_file(str(Path(tiny_model_dir) / "model.safetensors")), load_file(str(tmp_path / "skip" / "model.safetensors"))
     assert all(torch.equal(before[name], after[name]) for name in before if name in after)
+
+
+def test_reward_normalization_failing_mid_write_leaves_the_model_intact(tiny_model_dir, tmp_path, monkeypatch):
+    """`rm --normalize_dataset` re-saves the model (config.json; the weights too when the head has a bias): a
+    write that dies halfway (the file torn, then an error) leaves the trained model byte for byte; without
+    the failure the same call writes the normalization."""
+    import transformers.modeling_utils
+    from transformers import PretrainedConfig
+
+    from alignkit.config import RMConfig
+    from alignkit.models import load_tokenizer
+    from alignkit.train import rm
+
+    cfg = RMConfig(model_name_or_path=str(tiny_model_dir), dataset="builtin_pref:comparison:8", output_dir=str(tmp_path / "rm"), max_steps=1,
+                   per_device_train_batch_size=4, logging_steps=1, progress=False, normalize_dataset="builtin_pref:comparison:8")
+    rm.run_rm(RMConfig(**{**cfg.__dict__, "normalize_dataset": ""}))
+    out = Path(cfg.output_dir)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def torn(path, *args, **kwargs):
+        Path(path).write_bytes(b"{\"torn")  # a kill halfway through the write
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", lambda tensors, filename, **kw: torn(filename))
+    monkeypatch.setattr(PretrainedConfig, "to_json_file", lambda self, path, **kw: torn(path))
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        rm.normalize(cfg, load_tokenizer(cfg.output_dir))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before and not list(out.glob(".tmp-*"))
+    monkeypatch.undo()
+    result = rm.normalize(cfg, load_tokenizer(cfg.output_dir))
+    config = json.loads((out / "config.json").read_text())
+    assert config["reward_mean"] == result["normalize_mean"] and config["reward_offset"] == -result["normalize_mean"]
+    assert json.loads((out / "reward_normalization.json").read_text())["mean"] == result["normalize_mean"] and not list(out.glob(".tmp-*"))
+
+
+def test_chat_transcripts_are_written_whole_or_not_at_all(tmp_path):
+    """A save that fails mid-write (a lone surrogate cannot be encoded: the error comes while writing) leaves
+    the previous transcript byte for byte (a plain write_text truncated it first); .jsonl appends keep
+    earlier rows, and a row after a torn last line (no newline) starts on its own line."""
+    from alignkit.chat.terminal import save_conversation
+
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    broken = [*talk, {"role": "user", "content": "x\ud800"}, {"role": "assistant", "content": "y"}]
+    for name in ("talk.json", "talk.jsonl"):
+        path = tmp_path / name
+        save_conversation(talk, str(path))
+        saved = path.read_bytes()
+        with pytest.raises(UnicodeEncodeError):
+            save_conversation(broken, str(path))
+        assert path.read_bytes() == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["talk.json", "talk.jsonl"]
+    path = tmp_path / "talk.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"messages": [')  # torn by an older writer
+    save_conversation(talk, str(path))
+    lines = path.read_text().splitlines()
+    assert lines[0] == lines[2] == json.dumps({"messages": talk}) and lines[1] == '{"messages": ['
