@@ -92,7 +92,7 @@ class PhaseClock:
 
 def worker_alignkit(job: dict, value_head: bool, padded: bool) -> dict:
     import alignkit.train.loop as loop
-    import alignkit.train.ppo as ppo
+    import alignkit.rl.ppo as ppo
     from alignkit.config import PPOConfig
 
     trace: dict = {"t": [], "cpu": []}
@@ -294,8 +294,8 @@ def measure_old_policy_pass(model_name: str = "smollm2-135m-instruct", batch: in
     from alignkit.data.prompts import load_prompts
     from alignkit.generation import SamplingParams
     from alignkit.models import load_causal_lm, load_tokenizer
-    from alignkit.rollout import rollout
-    from alignkit.train.ppo import _forward_all
+    from alignkit.rl.rollout import rollout
+    from alignkit.rl.ppo import _forward_all
 
     tokenizer, lm = load_tokenizer(model_name), load_causal_lm(model_name).eval()
     cfg = PPOConfig(use_chat_template="yes", mini_batch_size=batch, temperature=1.0)
