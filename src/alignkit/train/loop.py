@@ -17,7 +17,6 @@ a pure function of the seed), so it computes that denominator locally, with no c
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from alignkit.train.checkpoint import (  # noqa: F401  (find_checkpoint, trainab
     trainable_state,
 )
 from alignkit.precision import autocast, resolve_mixed_precision
+from alignkit.train.metrics import MetricsLog  # noqa: F401  (benchmarks time steps by wrapping MetricsLog.write)
 
 logger = logging.getLogger(__name__)
 
@@ -244,73 +244,6 @@ def check_engine_flags(cfg: TrainConfig) -> None:
             raise ValueError("--report_to wandb needs the wandb package (pip install wandb); --report_to tensorboard works offline") from None
 
 
-def _scalars(row: dict) -> dict[str, float]:
-    """The numeric fields of a metrics row as (tag, value): eval_x -> eval/x, anything else -> train/x."""
-    scalars = {}
-    for key, value in row.items():
-        if key == "step" or isinstance(value, str) or value is None:
-            continue
-        tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
-        scalars[tag] = float(value)
-    return scalars
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, appended; on resume, rows past the checkpoint (and a line
-    torn by a kill) are dropped, in an atomic rewrite.
-    With --report_to tensorboard each row's numbers also go to OUTPUT/runs/ as scalars (events past the
-    checkpoint are purged on resume); with wandb, to the wandb run."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int = 0, report_to: str = "none", run_dir: Path | None = None,
-                 config: TrainConfig | None = None):
-        self.path, self.enabled = path, enabled
-        if enabled and path.exists() and resume_step:
-            atomic.write_jsonl(path, [r for r in _json_rows(path) if r.get("step", 0) <= resume_step])
-        elif enabled and path.exists():
-            path.unlink()
-        self.tensorboard = self.wandb = None
-        if enabled and report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            run_dir = run_dir or path.parent / "runs"
-            self.tensorboard = SummaryWriter(str(run_dir), purge_step=resume_step + 1 if resume_step else None)
-        elif enabled and report_to == "wandb":
-            import dataclasses
-
-            import wandb
-
-            self.wandb = wandb.init(project="alignkit", name=path.parent.name, dir=str(path.parent), resume="allow",
-                                    config=dataclasses.asdict(config) if config is not None else None)
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        step = int(row.get("step", 0))
-        if self.tensorboard is not None:
-            for tag, value in _scalars(row).items():
-                self.tensorboard.add_scalar(tag, value, step)
-        if self.wandb is not None:
-            self.wandb.log(_scalars(row), step=step)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _json_rows(path: Path) -> list[dict]:
-    rows = []
-    for line in filter(str.strip, path.read_text().splitlines()):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("%s: dropped a torn line (a killed run was writing it): %.60s", path, line)
-    return rows
-
-
 def progress_bar(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -408,26 +341,18 @@ def batch_loss_step(stage: Stage, engine: Engine, examples: list[list], step: in
 
 @dataclass
 class Window:
-    """A batch-loss stage's metric sums over the steps since the last logged row; saved in checkpoints (sums per
-    process), so a resumed run logs the rows of an uninterrupted one."""
+    """A batch-loss stage's metric sums over the steps since the last logged row; saved in checkpoints (the sums
+    per process), so a resumed run logs the rows of an uninterrupted one."""
 
     sums: dict
     steps: int = 0
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, sums: dict, skipped: bool, tokens: int) -> None:
-        if not skipped:
-            for key, value in sums.items():
-                self.sums[key] = self.sums.get(key, 0) + value
-            self.steps += 1
-        self.tokens += tokens
-
-    def row(self, accelerator) -> dict:
-        """The window's means (reduced over processes) and throughput; starts a new window."""
-        elapsed = time.perf_counter() - self.start
-        reduced = {k: accelerator.reduce(v, reduction="sum").item() / self.steps if self.steps else None for k, v in self.sums.items()}
-        row = {"means": reduced, "tokens_per_second": self.tokens / max(elapsed, 1e-9)}
+    def means(self, accelerator) -> dict:
+        """The window's means (reduced over processes; None when every step was skipped) and throughput; starts a new window."""
+        row = {k: accelerator.reduce(v, reduction="sum").item() / self.steps if self.steps else None for k, v in self.sums.items()}
+        row["tokens_per_second"] = self.tokens / max(time.perf_counter() - self.start, 1e-9)
         self.sums = {key: torch.zeros((), device=accelerator.device) for key in self.sums}
         self.steps, self.tokens = 0, 0
         return row
@@ -435,33 +360,27 @@ class Window:
 
 def _batch_loss_row(stage: Stage, engine: Engine, stream, window: Window, state: dict, step: int, logging: bool) -> dict | None:
     """Run step `step` of a batch-loss stage; its metrics row when `logging` (the window's means), else None."""
-    cfg, world = engine.cfg, engine.accelerator.num_processes
-    per_step = cfg.gradient_accumulation_steps * world
+    cfg = engine.cfg
+    per_step = cfg.gradient_accumulation_steps * engine.accelerator.num_processes
     examples = [[stage.train_examples[i] for i in next(stream)] for _ in range(per_step)]
     learning_rate = engine.scheduler.get_last_lr()[0]
     sums, grad_norm, skipped = batch_loss_step(stage, engine, examples, step)
     step_tokens = sum(stage.num_tokens(e) for batch in examples for e in batch)
     state["nonfinite_skipped"] += skipped
     state["tokens"] += step_tokens
-    window.add(sums, skipped, step_tokens)
+    window.tokens += step_tokens
+    if not skipped:
+        window.steps += 1
+        for key, value in sums.items():
+            window.sums[key] = window.sums.get(key, 0) + value
     if not logging:
         return None
-    means = window.row(engine.accelerator)
+    means = window.means(engine.accelerator)
+    tokens_per_second = means.pop("tokens_per_second")
     micro_per_epoch = math.ceil(len(stage.train_examples) / cfg.per_device_train_batch_size)
-    return {
-        "epoch": round(step * per_step / micro_per_epoch, 4),
-        **means["means"],
-        "learning_rate": learning_rate,
-        "grad_norm": grad_norm,
-        "tokens": state["tokens"],
-        "tokens_per_second": means["tokens_per_second"],
-        **({"nonfinite_skipped": state["nonfinite_skipped"]} if cfg.skip_nonfinite else {}),
-    }
-
-
-def _status(row: dict) -> str:
-    loss = row.get("loss")
-    return f"loss {'skipped' if loss is None else f'{loss:.4f}'}  {row.get('tokens_per_second', 0):.0f} tok/s"
+    return {"epoch": round(step * per_step / micro_per_epoch, 4), **means, "learning_rate": learning_rate, "grad_norm": grad_norm,
+            "tokens": state["tokens"], "tokens_per_second": tokens_per_second,
+            **({"nonfinite_skipped": state["nonfinite_skipped"]} if cfg.skip_nonfinite else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +449,8 @@ def train(stage: Stage | Iterations, cfg: TrainConfig) -> dict:
             if logging_step:
                 last_row = {"step": step, **row}
                 log.write(last_row)
-                progress.update(bar, status=_status(last_row) if batch_loss else stage.status(last_row))
+                loss = "skipped" if last_row.get("loss", 0) is None else f"{last_row['loss']:.4f}"
+                progress.update(bar, status=f"loss {loss}  {last_row['tokens_per_second']:.0f} tok/s" if batch_loss else stage.status(last_row))
             if batch_loss and stage.eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps):
                 eval_row = {"step": step, **evaluate(stage, accelerator, model, cfg)}
                 log.write(eval_row)
