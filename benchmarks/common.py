@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -327,6 +328,9 @@ def median_step_ms(clock: list[float], warmup: int) -> float:
 def run_one(stage: Stage, tool: str, case: str, job: dict, args) -> dict:
     load = wait_for_quiet(args)
     out = WORK / "runs" / f"{stage.name}-{case}-{tool}-{job['repeat']}"
+    # the harness's own scratch directory for this (stage, case, tool, repeat): last time's copy goes, since
+    # alignkit refuses to write into another run's outputs
+    shutil.rmtree(out, ignore_errors=True)
     log_path = out.with_name(out.name + ".log")
     job = {**job, "out": str(out)}
     busy0, start = cpu_jiffies(), time.time()
