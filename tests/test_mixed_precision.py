@@ -59,6 +59,18 @@ def test_auto_picks_bf16_only_where_the_device_has_it(monkeypatch, caplog):
     assert resolve_mixed_precision("bf16", "cpu") == "bf16" and resolve_mixed_precision("no", "cpu") == "no"
 
 
+def test_auto_counts_only_native_bf16_on_cuda(monkeypatch, caplog):
+    """A pre-Ampere GPU makes bf16 tensors but emulates the arithmetic (torch's is_bf16_supported() says yes
+    by default): `auto` must ask for native support and pick fp32 there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with caplog.at_level(logging.INFO, logger="alignkit.precision"):
+        assert resolve_mixed_precision("auto", "cuda") == "no"
+    assert "Tesla T4 does not compute bf16 natively" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_mixed_precision("auto", "cuda") == "bf16"
+
+
 def test_fp16_is_refused_on_cpu_and_unknown_values_name_the_flag():
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         resolve_mixed_precision("fp16", "cpu")
