@@ -383,6 +383,11 @@ def _batch_loss_row(stage: Stage, engine: Engine, stream, window: Window, state:
             **({"nonfinite_skipped": state["nonfinite_skipped"]} if cfg.skip_nonfinite else {})}
 
 
+def _status(row: dict) -> str:
+    loss = "skipped" if row["loss"] is None else f"{row['loss']:.4f}"
+    return f"loss {loss}  {row['tokens_per_second']:.0f} tok/s"
+
+
 # ---------------------------------------------------------------------------------------------
 # the shell
 
@@ -449,8 +454,7 @@ def train(stage: Stage | Iterations, cfg: TrainConfig) -> dict:
             if logging_step:
                 last_row = {"step": step, **row}
                 log.write(last_row)
-                loss = "skipped" if last_row.get("loss", 0) is None else f"{last_row['loss']:.4f}"
-                progress.update(bar, status=f"loss {loss}  {last_row['tokens_per_second']:.0f} tok/s" if batch_loss else stage.status(last_row))
+                progress.update(bar, status=_status(last_row) if batch_loss else stage.status(last_row))
             if batch_loss and stage.eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps):
                 eval_row = {"step": step, **evaluate(stage, accelerator, model, cfg)}
                 log.write(eval_row)
