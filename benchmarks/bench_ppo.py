@@ -216,7 +216,7 @@ def worker(tool: str, job: dict) -> dict:
 def prepare(case: str) -> tuple[str, str]:
     """The policy and the prompts; writes the case's reward model (policy trunk + a seeded random score head) once."""
     from alignkit.models import load_tokenizer
-    from alignkit.rewards import init_head, load_reward_model
+    from alignkit.reward_model import init_head, load_reward_model
 
     model = model_path(CASES[case]["model"])
     target = reward_model_dir(model)

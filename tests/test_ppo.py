@@ -180,7 +180,7 @@ def test_recomputed_logprobs_equal_rollout_logprobs(tiny_model_dir, tokenizer, t
 
 
 def test_reward_sources(tmp_path):
-    from alignkit.rewards import build_reward, load_reward_function
+    from alignkit.rl.rewards import build_reward, load_reward_function
 
     path = tmp_path / "my_reward.py"
     path.write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
@@ -408,7 +408,8 @@ def test_one_minibatch_reuses_the_critics_rollout_pass(setup, tmp_path, monkeypa
 
 def test_reward_model_as_reward_and_critic(setup, tmp_path):
     from alignkit.models import load_tokenizer
-    from alignkit.rewards import RewardModelScorer, init_head, load_reward_model, score_sequences
+    from alignkit.reward_model import init_head, load_reward_model, score_sequences
+    from alignkit.rl.rewards import RewardModelScorer
 
     rm, _ = load_reward_model(str(setup / "model"))
     init_head(rm.model, seed=0)

@@ -134,7 +134,7 @@ class ScoreConfig:
 
 
 def run_score(cfg: ScoreConfig) -> None:
-    from alignkit.rewards import score_file
+    from alignkit.evaluate.score import score_file
 
     summary = score_file(cfg.reward_model, cfg.dataset, cfg.output, cfg.dataset_split, cfg.per_device_eval_batch_size,
                          cfg.skip_invalid, cfg.progress)

@@ -4,7 +4,7 @@ One iteration (= one --max_steps step of the training loop, `train.loop.train`):
   1. rollout: sample k responses to each of --rollout_batch_size prompts (`rl.rollout`). The sampler
      keeps log π_old of each action and, from a hook on the LM head, the entropy and V_old (value head) of
      each state: no second pass of the policy (--recompute_old_logprobs asks for one);
-  2. score them (`alignkit.rewards.build_reward`), apply the missing-EOS penalty, normalization, clipping;
+  2. score them (`alignkit.rl.rewards.build_reward`), apply the missing-EOS penalty, normalization, clipping;
   3. log π_ref with teacher forcing (and V_old from a separate critic, if any: with one minibatch per
      iteration that pass keeps its graph and serves as the first update's critic forward); per-token
      reward r_t = −β·KL_t (+ the score at the last token);
@@ -204,7 +204,7 @@ def _build_models(cfg: PPOConfig, device) -> tuple[ActorCritic, torch.nn.Module 
         ref = copy.deepcopy(lm).requires_grad_(False).eval()
     value_head, critic = None, None
     if cfg.advantage_estimator == "gae" and cfg.critic_model:
-        from alignkit.rewards import load_reward_model, reward_head
+        from alignkit.reward_model import load_reward_model, reward_head
 
         critic, head_is_new = load_reward_model(cfg.critic_model)
         if not critic.decoder:
@@ -286,7 +286,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     """Train cfg.model_name_or_path with PPO/RLOO/GRPO on the prompts of cfg.dataset; returns the last metrics row."""
     from accelerate.utils import set_seed
 
-    from alignkit.rewards import build_reward
+    from alignkit.rl.rewards import build_reward
 
     _check(cfg)
     prepare_output_dir(cfg)  # before anything loads: refuse to mix runs
