@@ -88,16 +88,6 @@ def _ptx_examples(cfg: PPOConfig, tokenizer) -> list:
     return [SFTExample(i, w) for i, w in zip(tokenized.input_ids, tokenized.weights)]
 
 
-def _ptx_examples(cfg: PPOConfig, tokenizer) -> list:
-    from alignkit.data.formats import load_sft_examples
-    from alignkit.data.tokenize import tokenize_all
-    from alignkit.train.sft import SFTExample
-
-    rows, _ = load_sft_examples(cfg.ptx_dataset, cfg.dataset_split, InvalidRows(skip=cfg.skip_invalid))
-    tokenized = tokenize_all(rows, tokenizer, Formatting(cfg.use_chat_template, cfg.separator, 1.0), cfg.max_length, cfg.truncation)
-    return [SFTExample(i, w) for i, w in zip(tokenized.input_ids, tokenized.weights)]
-
-
 def optimize(cfg: PPOConfig, procs: Processes, engine: Engine, exp: Experience, step: int, ptx: list, state: dict, pad_id: int) -> dict:
     """Step 5: epochs × minibatches of the global batch, one optimizer step each, through the prepared
     (DDP) module; `state["ptx_batches"]` counts the PPO-ptx batches drawn (a function of it, so resume replays them)."""

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Stage:
-    """What a trainer tells the loop."""
+    """A batch-loss stage (SFT, RM, DPO): what the trainer tells the loop."""
 
     model: torch.nn.Module
     train_examples: list
