@@ -458,7 +458,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         write_config(cfg, output_dir)
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, cfg, verbose=main)
+    prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, Formatting(cfg.use_chat_template, cfg.separator),
+                           cfg.max_prompt_length, cfg.skip_invalid, verbose=main)
     reward = build_reward(cfg.reward_model, cfg.reward_fn, cfg.reward_weights, device=device)
     gold = build_reward("", cfg.gold_reward_fn) if cfg.gold_reward_fn else None  # log only, never trained on
     history: dict[str, list[float]] = {"score": [], "gold_score": []}
