@@ -155,7 +155,7 @@ def captured(monkeypatch):
     import alignkit.evaluate.runner as runner
     import alignkit.evaluate.sensitivity as sensitivity
     import alignkit.evaluate.score as score
-    import alignkit.train.ppo as ppo
+    import alignkit.rl.ppo as ppo
     import alignkit.train.sft as sft
 
     calls = {}

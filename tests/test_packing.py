@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from alignkit.packing import pack_episodes, tree_mask
-from alignkit.rollout import Episodes, critic_values, policy_forward
+from alignkit.rl.rollout import Episodes, critic_values, policy_forward
 
 
 def test_tree_mask_matches_its_definition():

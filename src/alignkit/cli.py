@@ -70,7 +70,7 @@ config_command("rm", RMConfig, _trainer("alignkit.train.rm", "run_rm"),
                "Train a reward model on comparisons: −log σ(r_better − r_worse).")
 config_command("dpo", DPOConfig, _trainer("alignkit.train.dpo", "run_dpo"),
                "Direct preference optimization (and IPO, SLiC, robust, SimPO, RPO).")
-config_command("ppo", PPOConfig, _trainer("alignkit.train.ppo", "run_ppo"),
+config_command("ppo", PPOConfig, _trainer("alignkit.rl.ppo", "run_ppo"),
                "RL from a reward: PPO (value head + GAE), or critic-free RLOO/GRPO, with a KL penalty to the reference.")
 
 

@@ -197,7 +197,7 @@ def sequence_kl(policy, reference, tokenizer, prompt_ids: list[list[int]], max_n
     import torch
 
     from alignkit.generation import SamplingParams
-    from alignkit.rollout import policy_forward, rollout
+    from alignkit.rl.rollout import policy_forward, rollout
 
     k1, k3, lengths = [], [], []
     repeated = [p for p in prompt_ids for _ in range(samples)]
