@@ -127,7 +127,7 @@ def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, ba
 
     With `row_tokens` ≠ 0 (and a decoder that takes custom masks), a batch's shared prefixes — a chat
     template's system prompt, one prompt's several responses — are computed once, in rows of about
-    `row_tokens` tokens (−1: the model's hidden size; see `rollout._state_hidden`)."""
+    `row_tokens` tokens (−1: the model's hidden size; see `rl.rollout._state_hidden`)."""
     from alignkit.data.tokenize import pad_right
     from alignkit.packing import pack_sequences, supports_custom_masks
 
