@@ -152,7 +152,7 @@ for mode in ("synced", "unsynced"):
     policy, _ = _build_models(cfg, accelerator.device)
     policy.eval()
     tokenizer = load_tokenizer(model_dir)
-    prompts = [p.ids for p in load_prompts("builtin:arithmetic:8", "train", tokenizer, cfg)]
+    prompts = [p.ids for p in load_prompts("builtin:arithmetic:8", "train", tokenizer, max_prompt_length=cfg.max_prompt_length)]
     # the same global batch on every process (one seed), of which each keeps its rows in slot order
     episodes = rollout(policy.lm, tokenizer, prompts, SamplingParams(6, 1.0, seed=3))
     mask = episodes.response_mask.float()

@@ -284,7 +284,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     procs = Processes(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), k)
     set_seed(cfg.seed)  # fresh LoRA adapters are random (DDP then starts every process from rank 0's)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, cfg, verbose=procs.rank == 0)
+    prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, Formatting(cfg.use_chat_template, cfg.separator),
+                           cfg.max_prompt_length, cfg.skip_invalid, verbose=procs.rank == 0)
     reward = build_reward(cfg.reward_model, cfg.reward_fn, cfg.reward_weights, device=device)
     gold = build_reward("", cfg.gold_reward_fn) if cfg.gold_reward_fn else None  # log only, never trained on
     ptx = _ptx_examples(cfg, tokenizer) if cfg.ptx_coef > 0 else []
