@@ -1,0 +1,137 @@
+"""FSDP2 (torch's `fully_shard`) behind accelerate's FSDP config, on any device, CPU included.
+
+`accelerate launch --config_file configs/accelerate/fsdp.yaml` exports the config as ACCELERATE_USE_FSDP and
+FSDP_* variables. accelerate 1.15 acts on them only when the process group is of a GPU-like kind: on a CPU
+(gloo) its state is MULTI_CPU and it would wrap the model in plain DDP. So where accelerate would not shard,
+this module does what its FSDP2 path does, from the same variables: one `fully_shard` unit per decoder layer
+(the classes the config names, or the model's `_no_split_modules`), then the root, which keeps what is left
+(embeddings, final norm, heads). Where accelerate does shard (GPUs), it is left to accelerate.
+
+Every forward must enter through the root's `forward` (its hook gathers the root's parameters): the loss
+helpers see an FSDP model and call the whole model, as under DDP (`alignkit.models.trunk_and_head`).
+Gradients are reduce-scattered and averaged over processes as DDP averages them, so the loop's scaling holds.
+The final save gathers one full state dict on rank 0 into an unsharded copy of the model made on the meta
+device before sharding (no memory), which the stage saves as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import weakref
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# sharded model -> its unsharded twin on the meta device (filled with the full weights at the final save)
+_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _flag(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).lower() == "true"
+
+
+def fsdp_requested() -> bool:
+    """The accelerate config asks for FSDP (`distributed_type: FSDP`, exported as ACCELERATE_USE_FSDP=true)."""
+    return _flag("ACCELERATE_USE_FSDP")
+
+
+def accelerate_shards(accelerator) -> bool:
+    """Whether accelerate itself applies FSDP here (GPUs); otherwise (CPU) this module does."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_fsdp_config(cfg) -> None:
+    """What alignkit's own FSDP path supports, checked before any model loads (ValueError naming the setting)."""
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(f"the accelerate config asks for FSDP version {version} (fsdp_version); without a GPU alignkit runs FSDP2 "
+                         "only: set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
+    if _flag("FSDP_OFFLOAD_PARAMS"):
+        raise ValueError("the accelerate config sets fsdp_offload_params: true; on a CPU the parameters are already in host memory: "
+                         "set it to false")
+    if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        raise ValueError("the accelerate config sets fsdp_activation_checkpointing: true; use alignkit's --gradient_checkpointing "
+                         "instead (set it to false)")
+    if cfg.save_steps or cfg.resume_from_checkpoint:
+        flag = "--save_steps" if cfg.save_steps else "--resume_from_checkpoint"
+        raise ValueError(f"{flag}: checkpoints of FSDP-sharded runs (sharded optimizer state) are not supported yet; "
+                         "use --save_steps 0 under FSDP, or checkpoint under configs/accelerate/ddp.yaml")
+
+
+def layer_classes(model: torch.nn.Module) -> set[str]:
+    """The class names of the shard units: FSDP_TRANSFORMER_CLS_TO_WRAP (comma-separated) or else the
+    `_no_split_modules` of the transformers models inside `model` (a peft or reward-model wrapper too)."""
+    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    if named:
+        return {name.strip() for name in named.split(",") if name.strip()}
+    classes: set[str] = set()
+    for module in model.modules():
+        classes.update(getattr(module, "_no_split_modules", None) or [])
+    if not classes:
+        raise ValueError(f"{type(model).__name__}: no decoder-layer class to shard by (no _no_split_modules); name it with "
+                         "fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+    return classes
+
+
+def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters live on the meta device (no memory); buffers and settings are copied.
+    Tied parameters stay tied (deepcopy's memo maps each parameter once)."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """`fully_shard` each decoder layer, then the root, over all processes (in place; returns the model)."""
+    from torch.distributed.fsdp import fully_shard
+
+    _SKELETONS[model] = meta_twin(model)
+    reshard = _flag("FSDP_RESHARD_AFTER_FORWARD", "true")
+    classes = layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no module of class {', '.join(sorted(classes))} to shard")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+    logger.info("FSDP2: %d shard units of %s plus the root, over %d processes", len(layers), ", ".join(sorted(classes)),
+                torch.distributed.get_world_size())
+    return model
+
+
+def prepare(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """accelerator.prepare(model, optimizer), sharding the model first where the config asks for FSDP and
+    accelerate would not. The optimizer, built on the unsharded parameters, is pointed at their shards."""
+    if not fsdp_requested() or accelerate_shards(accelerator) or accelerator.num_processes == 1:
+        return accelerator.prepare(model, optimizer)
+    names = {id(p): name for name, p in model.named_parameters()}
+    shard(model)
+    sharded = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    return model, accelerator.prepare(optimizer)  # not the model: accelerate would wrap it in DDP
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return model in _SKELETONS
+
+
+def final_model(accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model to save: accelerate's unwrapped model, or for a model sharded here its unsharded copy holding
+    the full weights, gathered onto rank 0 (every process must call this; the others get None)."""
+    if not is_sharded(model):
+        return accelerator.unwrap_model(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    twin = _SKELETONS[model]
+    twin.load_state_dict(full, assign=True, strict=True)
+    if hasattr(twin, "tie_weights"):
+        twin.tie_weights()  # assign=True gives each tied name its own tensor; make them one again
+    return twin
