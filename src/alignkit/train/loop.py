@@ -302,11 +302,11 @@ def evaluate(stage: Stage, accelerator, model, cfg: TrainConfig) -> dict[str, fl
     model.eval()
     examples = stage.eval_examples or []
     totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=accelerator.device)}
-    mine = examples[accelerator.process_index :: accelerator.num_processes]
-    for start in range(0, len(mine), cfg.per_device_eval_batch_size):
-        chunk = mine[start : start + cfg.per_device_eval_batch_size]
+    for chunk, counted in sharding.eval_chunks(model, examples, accelerator.process_index, accelerator.num_processes, cfg.per_device_eval_batch_size):
         with forward_context(cfg, accelerator.device):
             loss_sum, metrics = stage.loss(model, _to_device(stage.collate(chunk), accelerator.device))
+        if not counted:
+            continue  # FSDP: a forward that only takes part in the other processes' weight gathering
         totals["loss"] += loss_sum.detach().float()
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0) + value.detach().float()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import weakref
 
@@ -90,6 +91,9 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     _SKELETONS[model] = meta_twin(model)
+    with torch.no_grad():  # each process keeps its slice of its own copy: start all from rank 0's, as DDP does
+        for tensor in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(tensor, src=0)
     reshard = _flag("FSDP_RESHARD_AFTER_FORWARD", "true")
     classes = layer_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
@@ -135,3 +139,15 @@ def final_model(accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
     if hasattr(twin, "tie_weights"):
         twin.tie_weights()  # assign=True gives each tied name its own tensor; make them one again
     return twin
+
+
+def eval_chunks(model: torch.nn.Module, examples: list, rank: int, world: int, size: int) -> list[tuple[list, bool]]:
+    """This process's evaluation batches, (examples, counted): its share, examples[rank::world], by `size`. Under
+    FSDP every forward gathers weights from all processes, so every process must run as many: one with fewer
+    batches runs extra, uncounted ones (on the first examples) until it has as many as the largest share."""
+    mine = examples[rank::world]
+    chunks = [(mine[start : start + size], True) for start in range(0, len(mine), size)]
+    if is_sharded(model) and examples:
+        most = math.ceil(math.ceil(len(examples) / world) / size)
+        chunks += [(examples[:size], False)] * (most - len(chunks))
+    return chunks
