@@ -102,8 +102,11 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
-    logger.info("FSDP2: %d shard units of %s plus the root, over %d processes", len(layers), ", ".join(sorted(classes)),
-                torch.distributed.get_world_size())
+    # what this process really holds (tests read this line: under a silent fall-back to DDP it would be everything)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("FSDP2: rank %d holds %d of %d parameter elements (%d units of %s, plus the root)", torch.distributed.get_rank(),
+                local, total, len(layers), ", ".join(sorted(classes)))
     return model
 
 
