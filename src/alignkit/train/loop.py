@@ -188,7 +188,7 @@ def check_sharding_backend(cfg: TrainConfig) -> None:
     """accelerate (1.15) turns on FSDP and DeepSpeed only on GPUs: on a CPU-only machine FSDP runs through
     alignkit.train.sharding (its supported settings checked here), and DeepSpeed, which needs CUDA, is refused
     instead of silently training as plain DDP; see docs/distributed.md."""
-    if sharding.fsdp_requested() and not torch.cuda.is_available():
+    if sharding.fsdp_requested():
         sharding.check_fsdp_config(cfg)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
         raise ValueError("the accelerate config asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), which needs CUDA GPUs; this machine "

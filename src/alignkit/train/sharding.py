@@ -3,7 +3,7 @@
 `accelerate launch --config_file configs/accelerate/fsdp.yaml` exports the config as ACCELERATE_USE_FSDP and
 FSDP_* variables. accelerate 1.15 acts on them only when the process group is of a GPU-like kind: on a CPU
 (gloo) its state is MULTI_CPU and it would wrap the model in plain DDP. So where accelerate would not shard,
-this module does what its FSDP2 path does, from the same variables: one `fully_shard` unit per decoder layer
+this module does what its FSDP2 path does (in outline), from the same variables: one `fully_shard` unit per decoder layer
 (the classes the config names, or the model's `_no_split_modules`), then the root, which keeps what is left
 (embeddings, final norm, heads). Where accelerate does shard (GPUs), it is left to accelerate.
 
@@ -47,7 +47,18 @@ def accelerate_shards(accelerator) -> bool:
 
 
 def check_fsdp_config(cfg) -> None:
-    """What alignkit's own FSDP path supports, checked before any model loads (ValueError naming the setting)."""
+    """What alignkit's FSDP runs support, checked before any model loads (ValueError naming the setting): sharded
+    checkpoints nowhere yet; without a GPU (this module's own path) FSDP2 only, without offloading or accelerate's
+    activation checkpointing."""
+    if not torch.cuda.is_available():
+        _check_cpu_settings()
+    if cfg.save_steps or cfg.resume_from_checkpoint:
+        flag = "--save_steps" if cfg.save_steps else "--resume_from_checkpoint"
+        raise ValueError(f"{flag}: checkpoints of FSDP-sharded runs (sharded optimizer state) are not supported yet; "
+                         "use --save_steps 0 under FSDP, or checkpoint under configs/accelerate/ddp.yaml")
+
+
+def _check_cpu_settings() -> None:
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
         raise ValueError(f"the accelerate config asks for FSDP version {version} (fsdp_version); without a GPU alignkit runs FSDP2 "
@@ -58,10 +69,6 @@ def check_fsdp_config(cfg) -> None:
     if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
         raise ValueError("the accelerate config sets fsdp_activation_checkpointing: true; use alignkit's --gradient_checkpointing "
                          "instead (set it to false)")
-    if cfg.save_steps or cfg.resume_from_checkpoint:
-        flag = "--save_steps" if cfg.save_steps else "--resume_from_checkpoint"
-        raise ValueError(f"{flag}: checkpoints of FSDP-sharded runs (sharded optimizer state) are not supported yet; "
-                         "use --save_steps 0 under FSDP, or checkpoint under configs/accelerate/ddp.yaml")
 
 
 def layer_classes(model: torch.nn.Module) -> set[str]:
@@ -90,7 +97,6 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
     """`fully_shard` each decoder layer, then the root, over all processes (in place; returns the model)."""
     from torch.distributed.fsdp import fully_shard
 
-    _SKELETONS[model] = meta_twin(model)
     with torch.no_grad():  # each process keeps its slice of its own copy: start all from rank 0's, as DDP does
         for tensor in [*model.parameters(), *model.buffers()]:
             torch.distributed.broadcast(tensor, src=0)
@@ -111,16 +117,23 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def prepare(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """accelerator.prepare(model, optimizer), sharding the model first where the config asks for FSDP and
-    accelerate would not. The optimizer, built on the unsharded parameters, is pointed at their shards."""
-    if not fsdp_requested() or accelerate_shards(accelerator) or accelerator.num_processes == 1:
+    """accelerator.prepare(model, optimizer); under FSDP, sharding the model here where accelerate would not (CPU),
+    and pointing the optimizer, built on the unsharded parameters, at their shards. Under FSDP (either way) an
+    unsharded copy on the meta device is kept for the final save."""
+    if not fsdp_requested() or accelerator.num_processes == 1:
         return accelerator.prepare(model, optimizer)
-    names = {id(p): name for name, p in model.named_parameters()}
-    shard(model)
-    sharded = dict(model.named_parameters())
-    for group in optimizer.param_groups:
-        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
-    return model, accelerator.prepare(optimizer)  # not the model: accelerate would wrap it in DDP
+    twin = meta_twin(model)
+    if accelerate_shards(accelerator):  # GPUs: accelerate's own FSDP2 path (not run by alignkit's tests)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        names = {id(p): name for name, p in model.named_parameters()}
+        shard(model)
+        sharded = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        optimizer = accelerator.prepare(optimizer)  # not the model: accelerate would wrap it in DDP
+    _SKELETONS[model] = twin
+    return model, optimizer
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -128,8 +141,8 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def final_model(accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
-    """The model to save: accelerate's unwrapped model, or for a model sharded here its unsharded copy holding
-    the full weights, gathered onto rank 0 (every process must call this; the others get None)."""
+    """The model to save: accelerate's unwrapped model, or for an FSDP-sharded one its unsharded copy holding the
+    full weights, gathered onto rank 0 (every process must call this; the others get None)."""
     if not is_sharded(model):
         return accelerator.unwrap_model(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
