@@ -47,9 +47,15 @@ def accelerate_shards(accelerator) -> bool:
 
 
 def check_fsdp_config(cfg) -> None:
-    """What alignkit's FSDP runs support, checked before any model loads (ValueError naming the setting): sharded
-    checkpoints nowhere yet; without a GPU (this module's own path) FSDP2 only, without offloading or accelerate's
-    activation checkpointing."""
+    """What alignkit's FSDP runs support, checked before any model loads (ValueError naming the setting): the
+    batch-loss trainers (SFT, RM, DPO), not PPO; no sharded checkpoints yet; without a GPU (this module's own path)
+    FSDP2 only, without offloading or accelerate's activation checkpointing."""
+    from alignkit.config import PPOConfig
+
+    if isinstance(cfg, PPOConfig):
+        raise ValueError("alignkit ppo (and rloo, grpo) does not run under FSDP yet: its rollout calls the policy outside the "
+                         "sharded model's forward, and processes sample different numbers of tokens. Use "
+                         "configs/accelerate/ddp.yaml (or torchrun)")
     if not torch.cuda.is_available():
         _check_cpu_settings()
     if cfg.save_steps or cfg.resume_from_checkpoint:
