@@ -1,6 +1,6 @@
 """The shipped accelerate configs on this CPU: DDP with 2 processes (gloo) gives the step losses and the weights
-of one process with the same global batch (SFT, RM, DPO, PPO), and saves one Hugging Face model that reloads; the FSDP config,
-which accelerate runs only on GPUs, is refused instead of silently training as something else."""
+of one process with the same global batch (SFT, RM, DPO, PPO), and saves one Hugging Face model that reloads.
+FSDP: tests/test_fsdp.py."""
 
 import json
 import math
@@ -100,17 +100,6 @@ def test_bf16_under_ddp_is_the_bf16_of_one_process(tiny_model_dir, sft_data, tmp
     assert result.exit_code == 0, result.output
     fp32 = json.loads(open(tmp_path / "fp32" / "metrics.jsonl").readline())["loss"]
     assert rows["one"][0]["loss"] != fp32 and rows["two"][0]["loss"] != fp32
-
-
-def test_fsdp_config_is_refused_on_a_machine_without_gpu(tiny_model_dir, sft_data, tmp_path):
-    """accelerate enables FSDP only on GPUs: on CPU the run would be plain DDP. alignkit says so and stops (exit 2)
-    before any model loads, naming what to use instead."""
-    if torch.cuda.is_available():
-        pytest.skip("FSDP runs on this machine's GPUs")
-    result = accelerate_launch("fsdp.yaml", stage_args("sft", tiny_model_dir, sft_data, tmp_path / "fsdp"))
-    assert result.returncode != 0
-    assert "asks for FSDP" in result.stderr and "configs/accelerate/ddp.yaml" in result.stderr
-    assert not (tmp_path / "fsdp" / "model.safetensors").exists()
 
 
 def test_shipped_configs_parse_and_name_their_backend():

@@ -265,8 +265,10 @@ def unwrap_base(model):
 
 def trunk_and_head(model):
     """(decoder trunk returning hidden states, unembedding) so losses can unembed only the tokens they need."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return None, None  # DDP must see the whole forward to sync gradients
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, FSDPModule)):
+        return None, None  # DDP must see the whole forward to sync gradients; FSDP, to gather the root's weights
     base = unwrap_base(model)
     trunk = getattr(base, base.base_model_prefix, None)
     head = base.get_output_embeddings()
