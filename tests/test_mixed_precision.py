@@ -121,7 +121,7 @@ def _held_out(stage: str, model_dir, data, output_dir, mixed_precision: str) -> 
 
 # |bf16 − fp32| of the held-out values below, the largest over seeds 0–9 of the same runs (the seed of the
 # model's initialisation and of training), measured on this project's CPU: see the test's docstring
-HELD_OUT_TOLERANCE = {"sft": {"eval_loss": 0.05}, "dpo": {"eval_loss": 0.05, "eval_rewards/accuracies": 0.125}}
+HELD_OUT_TOLERANCE = {"sft": {"eval_loss": 0.01}, "dpo": {"eval_loss": 0.005, "eval_rewards/accuracies": 0.125}}
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
@@ -129,7 +129,15 @@ def test_bf16_reaches_the_held_out_results_of_fp32(stage, tiny_model_dir, tmp_pa
     """A short SFT / DPO run under --mixed_precision bf16 ends at fp32's held-out loss (and DPO's held-out
     implicit-reward accuracy) within HELD_OUT_TOLERANCE.
 
-    (provisional)
+    Measured (2026-12-01, this project's AMD EPYC without AVX512-BF16, torch 2.13; the same runs with seeds 0-9 as
+    the model's initialisation and training seed, `benchmarks/bf16_heldout_spread.py`): bf16 − fp32 of
+    - SFT eval loss (fp32 9.79-10.11): max |Δ| 0.0017 (1.7e-4 relative), mean -0.0003, sd 0.0008; tolerance 0.01,
+      6× the worst seed;
+    - DPO eval loss (fp32 0.674-0.695): max |Δ| 0.0007, sd 0.0002; tolerance 0.005, 7× the worst seed;
+    - DPO held-out accuracy over 16 pairs: 0 in most seeds, one pair flipped (1/16) in 2 of them: after 4
+      steps the implicit reward margins are ~0.03, so a pair near zero margin can flip on rounding; tolerance
+      2 pairs (0.125).
+    This test runs seed 0 (the `tiny_model_dir` model): Δ SFT 0.0007, DPO 0.0000 / accuracy 0.
     The runs must also differ (bf16 really ran: a run that ignored the flag would match fp32 exactly)."""
     data = tmp_path / "data"
     rows = {split: tasks.make_mixture(["arithmetic", "reversal"], split, n, seed=0) for split, n in (("train", 32), ("test", 8))}
