@@ -221,7 +221,7 @@ def summarize(runs: list[dict], batches: list[int], modes: list[str]) -> dict:
                 "prefill (transformers/alignkit ms)": round(t["prefill_ms"] / a["prefill_ms"], 2),
                 "total tokens/s": round(a["tokens_per_s"] / t["tokens_per_s"], 2),
             }}
-            if mode == "greedy":
+            if mode == "greedy" and all("tokens" in r["modes"][mode] for r in runs if r["batch"] == b):
                 pairs = [(x, y) for ra in runs if ra["batch"] == b and ra["tool"] == "alignkit"
                          for rt in runs if rt["batch"] == b and rt["tool"] == "transformers" and rt["repeat"] == ra["repeat"]
                          for x, y in zip(ra["modes"][mode]["tokens"], rt["modes"][mode]["tokens"])]
@@ -234,13 +234,15 @@ def summarize(runs: list[dict], batches: list[int], modes: list[str]) -> dict:
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = ["| batch | mode | alignkit decode tokens/s | transformers decode tokens/s | ratio | ratio (CPU time) "
-             "| prefill ms alignkit / transformers | total tokens/s ratio | peak RSS MB alignkit / transformers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| prefill ms alignkit / transformers | prefill CPU ms alignkit / transformers | total tokens/s ratio "
+             "| peak RSS MB alignkit / transformers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, entry in results["table"].items():
         batch, mode = key.split("/")
         a, t, r = entry["median"]["alignkit"], entry["median"]["transformers"], entry["ratios"]
         lines.append(f"| {batch} | {mode} | {a['decode_tokens_per_s']:.1f} | {t['decode_tokens_per_s']:.1f} | "
                      f"**{r['decode tokens/s']:.2f}×** | {r['decode tokens per CPU s']:.2f}× | {a['prefill_ms']:.0f} / {t['prefill_ms']:.0f} | "
+                     f"{a['prefill_cpu_ms']:.0f} / {t['prefill_cpu_ms']:.0f} | "
                      f"{r['total tokens/s']:.2f}× | {a['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} |")
     loads = [r["load1_at_start"] for r in results["runs"]]
     others = [r["other_cores_busy"] for r in results["runs"]]
@@ -250,7 +252,8 @@ def markdown(results: dict) -> str:
     lines += ["", f"Medians of {s['repeats']} alternating runs per tool and batch; new tokens per row: {tokens} "
               f"(decode = all but the first); {s['machine']}; load average (1 min) at the runs' starts "
               f"{min(loads):.1f}–{max(loads):.1f}, other processes busy {min(others):.2f}–{max(others):.2f} cores; "
-              f"greedy tokens equal to transformers': " + ", ".join(f"batch {k.split('/')[0]} {v:.0%}" for k, v in equal.items())
+              + ("greedy tokens equal to transformers': " + ", ".join(f"batch {k.split('/')[0]} {v:.0%}" for k, v in equal.items())
+                 if equal else "greedy tokens not compared (not recorded)")
               + "; versions: " + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + "."]
     return "\n".join(lines)
 
