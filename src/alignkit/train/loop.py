@@ -35,6 +35,7 @@ from alignkit.train.checkpoint import (  # noqa: F401  (find_checkpoint, trainab
     trainable_state,
 )
 from alignkit.precision import autocast, resolve_mixed_precision
+from alignkit.progress import progress_bar
 from alignkit.train import sharding
 from alignkit.train.metrics import MetricsLog  # noqa: F401  (benchmarks time steps by wrapping MetricsLog.write)
 
@@ -244,15 +245,6 @@ def check_engine_flags(cfg: TrainConfig) -> None:
             import wandb  # noqa: F401
         except ImportError:
             raise ValueError("--report_to wandb needs the wandb package (pip install wandb); --report_to tensorboard works offline") from None
-
-
-def progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
