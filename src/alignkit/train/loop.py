@@ -397,7 +397,6 @@ def _resume(cfg: TrainConfig, accelerator, model, optimizer, scheduler, output_d
     if accelerator.is_main_process:
         drop_later_checkpoints(output_dir, state["step"])
     logger.info("resumed from %s at step %d", checkpoint, state["step"])
-    accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
     return state, process_state
 
 
