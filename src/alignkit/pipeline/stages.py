@@ -18,6 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
+from alignkit import atomic
 from alignkit.pipeline.recipe import Recipe, recipe_from_dict
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def run_stage(stage: str, run: Path, resume: bool) -> dict:
     (run / stage).mkdir(parents=True, exist_ok=True)
     result = functions[stage](recipe, run, resume) or {}
     payload = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool, type(None)))}
-    (run / stage / "result.json").write_text(json.dumps(payload, indent=1))
+    atomic.write_json(run / stage / "result.json", payload)
     return payload
 
 
