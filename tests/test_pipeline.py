@@ -92,6 +92,42 @@ def test_a_changed_section_changes_its_stage_and_those_downstream_only():
     assert fingerprints(load_recipe(DEMO)) == before  # a pure function of the recipe
 
 
+def _recorded(run: Path, recipe, status: dict | None = None) -> None:
+    """stage.json for every stage of `recipe` as a finished run leaves it (status 'done' unless given)."""
+    from alignkit.pipeline.fingerprint import write_stage
+
+    for stage, value in fingerprints(recipe).items():
+        write_stage(run, stage, {"fingerprint": value, "status": (status or {}).get(stage, "done")})
+
+
+def test_plan_for_from_only_force_and_interrupted_stages(tmp_path):
+    """The runner's decisions (no model): --from reruns that stage and all later ones, --only one stage, --force
+    even what is up to date; a stage left 'running' with the same fingerprint resumes (training) or reruns."""
+    from alignkit.pipeline.fingerprint import plan
+
+    recipe = load_recipe(DEMO)
+    order = list(STAGE_DIRS)
+    _recorded(tmp_path, recipe)
+    acting = lambda decided: [s for s in order if decided.actions[s] != "skip"]  # noqa: E731
+    assert acting(plan(recipe, tmp_path)) == []
+    assert acting(plan(recipe, tmp_path, start="rm")) == ["rm", "ppo", "dpo", "eval", "report"]
+    assert acting(plan(recipe, tmp_path, only="dpo")) == []  # up to date: --only alone does not rerun it
+    assert acting(plan(recipe, tmp_path, only="dpo", force=True)) == ["dpo"]
+    assert acting(plan(recipe, tmp_path, force=True)) == order
+    _recorded(tmp_path, recipe, status={"ppo": "running", "eval": "running"})
+    decided = plan(recipe, tmp_path)
+    assert {s: decided.actions[s] for s in acting(decided)} == {"ppo": "resume", "eval": "run"}
+    assert plan(recipe, tmp_path, force=True).actions["ppo"] == "run"  # --force starts it afresh
+    _recorded(tmp_path, recipe)
+    changed = dataclasses.replace(recipe, rm=dataclasses.replace(recipe.rm, max_steps=recipe.rm.max_steps + 1))
+    assert acting(plan(changed, tmp_path)) == ["rm", "ppo", "eval", "report"]
+    assert acting(plan(changed, tmp_path, only="rm")) == ["rm"]
+    with pytest.raises(ValueError, match="ppo needs rm"):
+        plan(changed, tmp_path, only="ppo")  # its input is not done with this recipe
+    with pytest.raises(ValueError, match="--from juggle: not a stage"):
+        plan(recipe, tmp_path, start="juggle")
+
+
 def test_task_gold_matches_its_formula():
     responses = ["81", "81\nand more text", "It is 81, I think.", "", "x" * 200]
     expected = [1 + BREVITY_WEIGHT * (1 - 2 / BREVITY_CHARS), 1 + BREVITY_WEIGHT * (1 - 16 / BREVITY_CHARS),

@@ -111,11 +111,15 @@ def stage_data(recipe: Recipe, run: Path, resume: bool) -> dict:
                                "wrote nothing usable (a --quick random model never does): use a real model or data.api_base")
         sft, prompts = _split(generated, 0.2, recipe.seed)
         evaluation = _eval_rows(spec.eval_file, spec.eval_limit, recipe.seed) if spec.eval_file else []
+        counts = {"accepted_instructions": report["accepted"], "candidate_instructions": report["candidates"],
+                  "rejected_instructions": report["candidates"] - report["accepted"], "rounds": report["rounds"],
+                  **{f"rejected/{reason}": n for reason, n in report["rejected_by_reason"].items()}}
     if sft is not None:
         write_rows(sft, out / "sft_train.jsonl")
     write_rows(prompts, out / "prompts.jsonl")
     write_rows(evaluation, out / "eval.jsonl")
-    return {"sft_rows": len(sft) if sft is not None else None, "prompts": len(prompts), "eval_prompts": len(evaluation), "source": spec.source}
+    return {"sft_rows": len(sft) if sft is not None else None, "prompts": len(prompts), "eval_prompts": len(evaluation), "source": spec.source,
+            **(counts if spec.source == "self_instruct" else {})}
 
 
 def sft_file(run: Path) -> Path:
