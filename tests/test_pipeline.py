@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -322,3 +323,65 @@ def test_gold_reward_fn_is_logged_and_never_trained_on(tiny_model_dir, tmp_path)
     assert all((plain[k] == gold[k]).all() for k in plain)
     assert all("gold_score" not in r for r in rows["plain"]) and all(r["gold_score"] > 0 for r in rows["gold"])
     assert [r["score"] for r in rows["plain"]] == [r["score"] for r in rows["gold"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# `alignkit serve RUN/<stage>`: a stage's directory names its model
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A pipeline run's layout without models being trained: sft and rm done, ppo cut off before its model was saved."""
+    from alignkit.pipeline.fingerprint import write_json_atomic, write_stage
+
+    run = tmp_path / "run"
+    write_json_atomic(run / "pipeline.json", {"running": {"ppo": "x"}})
+    write_json_atomic(run / "recipe.json", {"model": "tiny"})
+    for stage in ("sft", "rm"):
+        write_json_atomic(run / stage / "config.json", {"model_type": "llama"})
+        write_stage(run, stage, {"fingerprint": "x", "status": "done"})
+    write_stage(run, "ppo", {"fingerprint": "x", "status": "running"})
+    (run / "eval").mkdir()
+    return run
+
+
+def test_a_stage_directory_resolves_to_its_model(finished_run):
+    from alignkit.pipeline.stage_models import resolve_model
+
+    run = finished_run
+    assert resolve_model(str(run / "sft")) == str(run / "sft")
+    assert resolve_model(str(run / "base")) == str(run / "quick-model")  # --quick: the tiny model the run built
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub id passes through
+    assert resolve_model("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    for name, message in ((run, "is a pipeline run, not a model"), (run / "ppo", "no model yet (status: running)"),
+                          (run / "dpo", "no model yet (status: not run)"), (run / "rm", "reward model"),
+                          (run / "eval", "makes no model"), (run / "nowhere" / "x", "no such directory")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            resolve_model(str(name))
+
+
+def test_model_is_a_positional_alias_of_model_name_or_path(finished_run):
+    """`alignkit serve MODEL` fills --model_name_or_path; giving both, differently, is refused (exit 2)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from alignkit.flags import command_from
+    from alignkit.serve.config import ServeConfig
+
+    built = []
+    app = typer.Typer()
+    app.command("serve")(command_from(ServeConfig, built.append))
+    app.command("other")(lambda: None)  # two commands: typer then expects the command name first
+    assert CliRunner().invoke(app, ["serve", str(finished_run / "sft"), "--port", "0"]).exit_code == 0
+    assert CliRunner().invoke(app, ["serve", "--model_name_or_path", "m"]).exit_code == 0
+    assert [c.model_name_or_path for c in built] == [str(finished_run / "sft"), "m"]
+    refused = CliRunner().invoke(app, ["serve", "a", "--model_name_or_path", "b"])
+    assert refused.exit_code == 2 and "give one" in refused.output and len(built) == 2
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["chat"], ["generate", "--prompt", "hi"]])
+def test_serving_a_stage_without_a_model_is_refused_before_loading(finished_run, command):
+    result = subprocess.run([sys.executable, "-m", "alignkit.cli", command[0], str(finished_run / "ppo"), *command[1:]],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "stage ppo of pipeline run" in result.stderr and "no model yet" in result.stderr

@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None, max: float | None = None,
          min_exclusive: bool = False, max_exclusive: bool = False, aliases: tuple[str, ...] = (),
-         flag_values: dict[str, Any] | None = None, path: str = "", required: bool = False, repeatable: bool = False, envvar: str = "") -> Any:
+         flag_values: dict[str, Any] | None = None, path: str = "", required: bool = False, repeatable: bool = False, envvar: str = "",
+         positional: str = "") -> Any:
     """Declare a config field.
 
     choices: the allowed values. min/max: numeric range, inclusive unless min_exclusive/max_exclusive.
@@ -35,9 +36,12 @@ def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | 
     directory, nor under a file), "input_file" (must exist). required: must be given (flag or YAML).
     repeatable: a comma-separated string whose flag may also be given several times.
     envvar: an environment variable read when the flag is not given (secrets such as API keys).
+    positional: the field may also be given as the command's positional argument, shown under this name
+    (`alignkit serve RUN/ppo` for `--model_name_or_path RUN/ppo`); at most one per config.
     """
     metadata = dict(help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive, max_exclusive=max_exclusive,
-                    aliases=tuple(aliases), flag_values=dict(flag_values or {}), path=path, required=required, repeatable=repeatable, envvar=envvar)
+                    aliases=tuple(aliases), flag_values=dict(flag_values or {}), path=path, required=required, repeatable=repeatable, envvar=envvar,
+                    positional=positional)
     if isinstance(default, list):  # a flag given several times (--prompt A --prompt B)
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
