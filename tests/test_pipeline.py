@@ -254,32 +254,92 @@ def test_a_run_killed_mid_ppo_resumes_to_the_same_weights(quick_run, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
-class FakeEndpoint:
-    """An OpenAI-compatible /chat/completions stand-in: prefers the longer answer, or always says "A"."""
+def judge_reply(body: dict, always_a: bool = False) -> dict:
+    """A stand-in judge's chat completion: prefers the longer answer (or always says "A")."""
+    text = body["messages"][1]["content"]
+    first = text.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+    second = text.split("Answer B:\n")[1].split("\n\nWhich answer")[0]
+    verdict = "A" if always_a or len(first) > len(second) else "B"
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": verdict}}]}
 
-    def __init__(self, always_a: bool = False):
-        self.always_a, self.calls = always_a, 0
 
-    def post(self, url, json):
-        import httpx
+def mock_openai(always_a: bool = False, seen: list | None = None):
+    """The official client over an in-memory transport that answers as `judge_reply`."""
+    import httpx
+    import openai
 
-        self.calls += 1
-        text = json["messages"][1]["content"]
-        first = text.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
-        second = text.split("Answer B:\n")[1].split("\n\nWhich answer")[0]
-        verdict = "A" if self.always_a or len(first) > len(second) else "B"
-        return httpx.Response(200, json={"choices": [{"message": {"content": verdict}}]}, request=httpx.Request("POST", url))
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        (seen if seen is not None else []).append((request.url.path, body))
+        return httpx.Response(200, json=judge_reply(body, always_a))
+
+    return openai.OpenAI(base_url="http://judge/v1", api_key="k", max_retries=0, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
 
 
 def test_llm_judge_asks_both_orders_and_drops_position_bias():
     from alignkit.pipeline.judges import llm_preferences
 
     items = [{"prompt": "p", "responses": ["short", "a longer one", "mid size"]}]
-    endpoint = FakeEndpoint()
-    rows = llm_preferences(items, "http://judge/v1", "m", None, client=endpoint)
-    assert endpoint.calls == 6  # 3 pairs × 2 orders
+    seen = []
+    rows = llm_preferences(items, "http://judge/v1", "m", None, client=mock_openai(seen=seen))
+    assert len(seen) == 6 and {path for path, _ in seen} == {"/v1/chat/completions"}  # 3 pairs × 2 orders
+    assert all(body["model"] == "m" and body["temperature"] == 0 for _, body in seen)
     assert {(r["chosen"], r["rejected"]) for r in rows} == {("a longer one", "short"), ("mid size", "short"), ("a longer one", "mid size")}
-    assert llm_preferences(items, "http://judge/v1", "m", None, client=FakeEndpoint(always_a=True)) == []  # "A" in both orders: no preference
+    assert llm_preferences(items, "http://judge/v1", "m", None, client=mock_openai(always_a=True)) == []  # "A" in both orders: no preference
+
+
+@pytest.fixture
+def judge_server():
+    """A stand-in OpenAI-compatible judge on loopback (http.server): /v1/chat/completions answers as `judge_reply`."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append((self.path, self.headers.get("Authorization"), body))
+            payload = json.dumps(judge_reply(body)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_compare_stage_with_an_llm_judge_over_http(tiny_model_dir, tmp_path, judge_server, monkeypatch):
+    """The compare stage with `judge: llm`: the official openai client posts every pair in both orders to the endpoint
+    on loopback (with the key from compare.llm_api_key_env), and the judge's preferences (longer wins) become the rows."""
+    from alignkit.pipeline.recipe import recipe_from_dict
+    from alignkit.pipeline.stages import read_rows, stage_compare, write_rows
+
+    url, requests = judge_server
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "sft")
+    write_rows([{"prompt": f"What is {i} + {i}?", "completion": str(2 * i)} for i in range(4)], run / "data" / "prompts.jsonl")
+    monkeypatch.setenv("JUDGE_KEY", "secret")
+    recipe = recipe_from_dict({"model": "tiny", "compare": {"judge": "llm", "llm_base_url": url, "llm_model": "judge-m", "llm_api_key_env": "JUDGE_KEY",
+                                                            "samples_per_prompt": 3, "max_new_tokens": 6, "heldout_fraction": 0.25}})
+    result = stage_compare(recipe, run, resume=False)
+    samples = read_rows(run / "compare" / "samples.jsonl")
+    distinct_pairs = sum(len(set(s["responses"])) * (len(set(s["responses"])) - 1) // 2 for s in samples)
+    assert len(requests) >= 2 * distinct_pairs > 0 and {(path, key) for path, key, _ in requests} == {("/v1/chat/completions", "Bearer secret")}
+    rows = read_rows(run / "compare" / "pairs_train.jsonl") + read_rows(run / "compare" / "pairs_heldout.jsonl")
+    assert result["judge"] == "llm" and result["pairs"] == len(rows) > 0
+    # the judge's rule, both orders agreeing (judge_preference is w for the pair in sampling order: 1 or 0, never a split ½)
+    assert all(len(r["chosen"]) > len(r["rejected"]) and r["judge_preference"] in (0.0, 1.0) for r in rows)
 
 
 def test_human_judge_hands_the_samples_to_the_comparison_page(monkeypatch, tmp_path):
