@@ -48,6 +48,8 @@ def ran(result: subprocess.CompletedProcess) -> list[str]:
     ("compare:\n  judge: oracle\n", ["recipe.yaml:2", "compare.judge", "gold, llm, human"]),
     ("data:\n  tasks: [arithmetic, juggling]\n", ["recipe.yaml:2", "juggling", "reversal"]),
     ("quick:\n  sft:\n    batch: 2\n", ["recipe.yaml:3", "sft.batch", "batch_size"]),
+    ("model: x\nsft:\n  max_steps: [3\n  batch_size: 2\n", ["recipe.yaml:4", "not valid YAML"]),
+    ("- data\n- sft\n", ["recipe.yaml", "must be a mapping of keys", "got list"]),
 ])
 def test_recipe_errors_name_file_line_and_key(tmp_path, text, expected):
     path = tmp_path / "recipe.yaml"
@@ -55,6 +57,22 @@ def test_recipe_errors_name_file_line_and_key(tmp_path, text, expected):
     with pytest.raises(RecipeError) as caught:
         load_recipe(path)
     assert all(part in str(caught.value) for part in expected), str(caught.value)
+
+
+def test_recipes_and_config_files_are_read_by_one_reader(tmp_path):
+    """config.read_yaml gives recipes and --config files the same file:line errors and the line of every nested key."""
+    from alignkit.config import ConfigError, load_config, read_yaml
+    from alignkit.config import SFTConfig
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: x\n\nsft:\n  max_steps: 3\n  nested:\n    deep: 1\n")
+    assert read_yaml(str(path))[1] == {"model": 1, "sft": 3, "sft.max_steps": 4, "sft.nested": 5, "sft.nested.deep": 6}
+    path.write_text("max_steps: [3\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError) as from_config:
+        load_config(SFTConfig, str(path))
+    with pytest.raises(RecipeError) as from_recipe:
+        load_recipe(path)
+    assert str(from_config.value) == str(from_recipe.value) and str(from_recipe.value).startswith(f"{path}:2: not valid YAML")
 
 
 def test_a_bad_recipe_is_refused_before_any_stage(tmp_path):
