@@ -21,6 +21,7 @@ from pathlib import Path
 from alignkit.pipeline.recipe import Recipe, recipe_from_dict
 
 log = logging.getLogger(__name__)
+HUMAN_STORE = "human_judgments.sqlite"  # RUN/<this>: the judgments people made in the comparison page (judge: human)
 KILL_HOOK = "ALIGNKIT_PIPELINE_KILL_AFTER_CHECKPOINT"  # tests: SIGKILL the whole run right after the PPO stage's Nth checkpoint
 
 
@@ -182,7 +183,9 @@ def stage_compare(recipe: Recipe, run: Path, resume: bool) -> dict:
     elif spec.judge == "llm":
         pairs = judges.llm_preferences(items, spec.llm_base_url, spec.llm_model, os.environ.get(spec.llm_api_key_env))
     else:
-        pairs = judges.human_preferences(str(run / "sft"), items, out / "human.sqlite", spec.human_needed, spec.human_port)
+        # people's judgments live beside the stage directories, not in RUN/compare: a rerun of compare (interrupted, or
+        # its recipe changed) starts from an empty directory but must keep, and count, what people already judged
+        pairs = judges.human_preferences(str(run / "sft"), items, run / HUMAN_STORE, spec.human_needed, spec.human_port)
     if not pairs:
         raise RuntimeError(f"the {spec.judge} judge preferred no response over another in {len(items)} prompts × {k} samples "
                            "(all tied): raise compare.samples_per_prompt or compare.temperature")
