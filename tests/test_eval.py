@@ -335,7 +335,7 @@ def test_task_specs_columns_and_data_roots(tmp_path):
 def test_reward_model_judge_scores_pairs_as_the_reward_model_was_trained(tiny_model_dir, tokenizer, tmp_path):
     from alignkit.data.tokenize import Formatting, tokenize_example
     from alignkit.evaluate.winrate import build_judge, reward_model_scorer, win_rate
-    from alignkit.rewards import init_head, load_reward_model, score_sequences
+    from alignkit.reward_model import init_head, load_reward_model, score_sequences
 
     rm, _ = load_reward_model(str(tiny_model_dir))
     init_head(rm.model, seed=0)

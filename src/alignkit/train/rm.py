@@ -35,7 +35,7 @@ from alignkit.losses import reward_model_loss_sum
 from alignkit.models import LoraSettings, apply_lora, load_tokenizer, save_model
 from alignkit.packing import supports_custom_masks, tree_mask
 from alignkit.precision import autocast
-from alignkit.rewards import RewardModel, init_head, load_reward_model, score_sequences, write_normalization
+from alignkit.reward_model import RewardModel, init_head, load_reward_model, score_sequences, write_normalization
 from alignkit.train.loop import Stage, check_engine_flags, load_datasets, train, write_data_report
 
 
@@ -164,7 +164,7 @@ def save_reward_model(rm: RewardModel, tokenizer, output_dir: Path) -> None:
 def normalize(cfg: RMConfig, tokenizer) -> dict:
     """Shift the saved model's rewards so the responses of --normalize_dataset average 0 (InstructGPT
     does this before RL). Prompt/completion rows: the completion; preference rows: the best responses."""
-    from alignkit.rewards import read_for_scoring
+    from alignkit.data.preferences import read_for_scoring
 
     split = "train" if cfg.normalize_dataset.startswith(("builtin:", "builtin_pref:")) else cfg.dataset_split
     items = read_for_scoring(cfg.normalize_dataset, split, tokenizer, formatting(cfg), InvalidRows(skip=cfg.skip_invalid))
