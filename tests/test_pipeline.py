@@ -463,3 +463,48 @@ def test_serving_a_stage_without_a_model_is_refused_before_loading(finished_run,
                             capture_output=True, text=True, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "stage ppo of pipeline run" in result.stderr and "no model yet" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the reward model as PPO's reward: scored as it was trained and normalized
+
+
+@pytest.mark.parametrize("use_chat_template", ["auto", "no"])
+def test_ppo_reward_path_tokenizes_as_the_reward_model_was_trained(tokenizer, use_chat_template):
+    """tokenize_reply(prompt_text(conversation), response) == tokenize_example(conversation + response): the ids the RM
+    trained and was normalized on (chat template: the turn closed by the template, '<|im_end|>\\n'; separator: + eos)."""
+    from alignkit.data.tokenize import Formatting, prompt_text, tokenize_example, tokenize_reply
+
+    fmt = Formatting(use_chat_template)
+    conversations = [[{"role": "user", "content": "What is 2 + 3?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour"}]]
+    for messages in conversations:
+        for response in ("5", " five, I think.\n", "", "a<|im_end|>"):
+            expected = tokenize_example({"messages": [*messages, {"role": "assistant", "content": response}]}, tokenizer, fmt)[0]
+            assert tokenize_reply(prompt_text(tokenizer, messages, fmt), response, tokenizer, fmt) == expected, (messages, response)
+
+
+def test_rm_normalized_on_sft_responses_scores_zero_through_ppos_reward_path(tiny_model_dir, tmp_path):
+    """The pipeline's rm stage normalizes on RUN/compare/sft_responses.jsonl; PPO scores the same responses through
+    RewardModelScorer (prompt as formatted for the policy + response). Their mean must be 0 up to float32 rounding of
+    the same sequences batched differently: |mean| ≤ 1e-4·(1 + std of the raw scores). (The former readout, prompt +
+    response + eos, was off by −1.5 on the demo's reward model.)"""
+    from alignkit.config import RMConfig
+    from alignkit.data.tokenize import Formatting, prompt_text
+    from alignkit.models import load_tokenizer
+    from alignkit.pipeline.stages import write_rows
+    from alignkit.rl.rewards import RewardModelScorer
+    from alignkit.train.rm import run_rm
+
+    pairs = [{"prompt": f"What is {i} + {i}?", "chosen": str(2 * i), "rejected": f"I think {i}"} for i in range(8)]
+    responses = [{"prompt": f"What is {i} + {i}?", "completion": answer} for i in range(6) for answer in (str(2 * i), f"maybe {i} or so", f" {i}{i}\n")]
+    write_rows(pairs, tmp_path / "pairs.jsonl")
+    write_rows(responses, tmp_path / "sft_responses.jsonl")
+    run_rm(RMConfig(model_name_or_path=str(tiny_model_dir), dataset=str(tmp_path / "pairs.jsonl"), normalize_dataset=str(tmp_path / "sft_responses.jsonl"),
+                    output_dir=str(tmp_path / "rm"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, progress=False, logging_steps=1))
+    normalization = json.loads((tmp_path / "rm" / "reward_normalization.json").read_text())
+    tokenizer = load_tokenizer(str(tmp_path / "rm"))
+    prompts = [prompt_text(tokenizer, [{"role": "user", "content": r["prompt"]}], Formatting()) for r in responses]
+    scores = RewardModelScorer(str(tmp_path / "rm"), batch_size=5)(prompts, [r["completion"] for r in responses], finished=[False] * len(responses))
+    assert abs(sum(scores) / len(scores)) <= 1e-4 * (1 + normalization["std"]), (scores, normalization)
+    assert max(scores) - min(scores) > 1e-3  # the scores vary: a zero mean is not a constant model

@@ -195,7 +195,8 @@ def stage_compare(recipe: Recipe, run: Path, resume: bool) -> dict:
     write_rows(items, out / "samples.jsonl")
     write_rows([p for p in pairs if p["prompt"] not in heldout], out / "pairs_train.jsonl")
     write_rows([p for p in pairs if p["prompt"] in heldout], out / "pairs_heldout.jsonl")
-    write_rows([{"prompt": i["prompt"], "completion": r} for i in items for r in i["responses"]], out / "sft_responses.jsonl")
+    # the reward model is normalized on these; an empty answer is no SFT row (the readers refuse it), so it is left out
+    write_rows([{"prompt": i["prompt"], "completion": r} for i in items for r in i["responses"] if r.strip()], out / "sft_responses.jsonl")
     return {"prompts": len(items), "samples_per_prompt": k, "pairs": len(pairs), "pairs_train": len(pairs) - sum(p["prompt"] in heldout for p in pairs),
             "pairs_heldout": sum(p["prompt"] in heldout for p in pairs), "judge": spec.judge}
 
