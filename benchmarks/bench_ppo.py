@@ -135,13 +135,13 @@ def worker_trl(job: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from alignkit.config import PPOConfig as AlignkitConfig
     from alignkit.models import load_tokenizer
     from alignkit.data.prompts import load_prompts
+    from alignkit.data.tokenize import Formatting
 
     tokenizer = load_tokenizer(job["model"])  # alignkit's tokenizer rules (pad = eos where there is no pad)
     tokenizer.padding_side = "left"
-    prompts = load_prompts(job["data"], "train", tokenizer, AlignkitConfig(use_chat_template="yes"))
+    prompts = load_prompts(job["data"], "train", tokenizer, Formatting(use_chat_template="yes"))
     dataset = Dataset.from_list([{"input_ids": p.ids} for p in prompts])  # the very tokens alignkit samples from
     rm = str(reward_model_dir(job["model"]))
     policy = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
@@ -294,6 +294,7 @@ def measure_old_policy_pass(model_name: str = "smollm2-135m-instruct", batch: in
 
     from alignkit.config import PPOConfig
     from alignkit.data.prompts import load_prompts
+    from alignkit.data.tokenize import Formatting
     from alignkit.generation import SamplingParams
     from alignkit.models import load_causal_lm, load_tokenizer
     from alignkit.rl.rollout import rollout
@@ -301,7 +302,7 @@ def measure_old_policy_pass(model_name: str = "smollm2-135m-instruct", batch: in
 
     tokenizer, lm = load_tokenizer(model_name), load_causal_lm(model_name).eval()
     cfg = PPOConfig(use_chat_template="yes", mini_batch_size=batch, temperature=1.0)
-    ids = [p.ids for p in load_prompts(str(PROMPTS), "train", tokenizer, cfg)[:batch]]
+    ids = [p.ids for p in load_prompts(str(PROMPTS), "train", tokenizer, Formatting(use_chat_template="yes"))[:batch]]
     head = torch.nn.Linear(lm.config.hidden_size, 1)
     params = SamplingParams(response_length, 1.0, seed=0)
     times = defaultdict(list)

@@ -50,7 +50,9 @@ PROMPTS = [
 def load_model(name: str, random_init: bool, device: str):
     import torch
 
-    from alignkit.models import load_causal_lm, load_tokenizer, make_tiny_model
+    from alignkit.models import load_causal_lm, load_tokenizer
+
+    from alignkit.testing import make_tiny_model
 
     if name == "tiny":
         path = HERE / ".work" / "serve-tiny"

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from alignkit.generation import GenerationOutput, SamplingParams, generate, generate_text
-from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, make_tiny_model
+from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer
+from alignkit.testing import make_tiny_model
 
 # different lengths so the batch is left-padded
 PROMPTS = ["Hello there, how are you today?", "Hi", "The quick brown fox jumps over the lazy dog and then"]

@@ -291,7 +291,7 @@ def main(argv: list[str]) -> int:
     try:
         run_stage(stage, run, "--resume" in argv[2:])
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as error:
-        print(f"error in stage {stage}: {error}", file=sys.stderr)
+        log.error(f"error in stage {stage}: {error}")
         return 2
     return 0
 
