@@ -99,6 +99,9 @@ def load_datasets(cfg: TrainConfig, build: Callable[[str, str, str, dict], list]
     eval_examples = build(cfg.eval_dataset, eval_split, "eval", report) if cfg.eval_dataset else None
     if not train_examples:
         raise ValueError(f"{cfg.dataset}: no usable {what} left (see the counts above)")
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the trainer builds its model next: fresh LoRA adapters and heads are random, and must follow --seed
     return train_examples, eval_examples, report
 
 
