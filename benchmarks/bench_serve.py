@@ -108,7 +108,7 @@ def bench_case(name: str, args) -> dict:
     import torch
 
     from alignkit.data.tokenize import Formatting, prompt_text
-    from alignkit.serve.engine import Engine, Request
+    from alignkit.batching import Engine, Request
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tokenizer, path = load_model(name, args.random_init, device)

@@ -326,7 +326,7 @@ def test_fifty_concurrent_clients_all_answered_correctly(state, server):
 
 def test_engine_mixes_greedy_and_sampled_requests(state):
     """Requests that cannot share a batch (greedy vs sampled) all finish; greedy ones stay exact."""
-    from alignkit.serve.engine import Request
+    from alignkit.batching import Request
 
     prompts = [user(f"Mixed request {i}") for i in range(12)]
     encoded = [state.tokenizer(prompt_text(state.tokenizer, m, Formatting()), add_special_tokens=False)["input_ids"] for m in prompts]

@@ -25,7 +25,7 @@ def _load(model_name_or_path: str, device: str):
 def run_chat_command(cfg: ChatConfig) -> None:
     from alignkit.chat.terminal import ChatSettings, run_chat
     from alignkit.data.tokenize import Formatting
-    from alignkit.serve.engine import Engine
+    from alignkit.batching import Engine
 
     model, tokenizer = _load(cfg.model_name_or_path, cfg.device)
     context = cfg.context_length or int(getattr(model.config, "max_position_embeddings", 2048))
