@@ -1,32 +1,37 @@
 """A batching scheduler: one background thread runs every generation, many requests share each batch.
 
-Requests that can share a batch (same temperature and top_p, no seed) are decoded together through
-`alignkit.generation.generate`, so throughput grows with the number of concurrent clients. The batch
-is re-formed between rounds ("chunked continuous batching"): `on_token` ends a round early when rows
-have finished (max_tokens, a stop string, a client gone) or compatible requests are waiting, once the
-round has run `min_round_steps` steps; the rows still going continue in the next round with their
-generated tokens appended to the prompt (one prefill, no lost tokens). So a short request does not
-wait for a long one, and a client that disconnects frees its row within `min_round_steps` steps.
-
-A request with a seed runs alone (its n samples batched together) in one uninterrupted round: its
-random draws then depend only on the request, which makes the seed reproducible.
+Continuous batching: the engine thread keeps one running batch (`alignkit.decode.DecodeBatch`) and,
+between any two decoding steps, admits waiting requests (their prompts are prefilled alone and their KV
+cache merged into the batch's; the running rows are not recomputed) and drops rows that are done
+(max_tokens, a stop string or token, a client gone). Requests with different sampling settings share the
+batch: temperature, top_p and seed are per row (`alignkit.generation.RowSampling`). Choice j of a request
+with a seed draws from its own torch.Generator seeded with `choice_seed(seed, j)`, so its samples depend
+only on the request: the same tokens whether it ran alone or beside others. Prompt prefixes seen before (a
+system prompt, the earlier turns of a chat) come from a `PrefixCache` instead of being recomputed.
 
 Each request reports through `emit(event)` from the engine thread:
   Delta(index, text)                       new text of choice `index` (stop strings held back until safe)
-  Finished(index, reason, tokens)          reason "stop" (end-of-turn token or stop string) or "length"
+  Finished(index, reason, tokens, ids)     reason "stop" (end-of-turn token or stop string) or "length"
   Failed(message)                          the batch raised; the request is over
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from alignkit.generation import SamplingParams, default_stop_token_ids, generate
+import torch
+
+from alignkit.decode import DecodeBatch, PrefixCache
+from alignkit.generation import RowSampling, SamplingParams, _pad_id, default_stop_token_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Finished:
     index: int
     reason: str
     tokens: int
+    token_ids: list[int] = field(default_factory=list)  # the sampled tokens (a stop string's tail included)
 
 
 @dataclass
@@ -72,13 +78,13 @@ class Job:
     def cancel(self) -> None:
         self.cancelled = True
 
-    @property
-    def key(self) -> tuple:
-        """Jobs with equal keys may share a batch."""
-        r = self.request
-        if r.seed is not None:
-            return ("seed", self.id)
-        return (0.0, 1.0) if r.temperature <= 0 else (r.temperature, r.top_p)  # greedy ignores top_p
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request with `seed`: the seed itself for the first choice (so n=1 samples
+    what `generate(..., SamplingParams(seed=seed))` samples), a hash of both for the others (independent streams)."""
+    if index == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
 class Choice:
@@ -90,6 +96,8 @@ class Choice:
         self.sent = ""
         self.done = False
         self.holdback = max((len(s) for s in job.request.stop), default=1) - 1
+        seed = job.request.seed
+        self.generator = None if seed is None else torch.Generator().manual_seed(choice_seed(seed, index))
 
     def prompt(self) -> list[int]:
         return self.job.request.prompt_ids + self.ids
@@ -120,27 +128,26 @@ class Choice:
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.job.emit(Delta(self.index, text[len(self.sent) :]))
         self.done = True
-        self.job.emit(Finished(self.index, reason, len(self.ids)))
-
-
-class _EndRound(Exception):
-    """Raised from on_token to stop `generate` so the batch can be re-formed."""
+        self.job.emit(Finished(self.index, reason, len(self.ids), list(self.ids)))
 
 
 class Engine:
     """Owns the model: only the engine thread runs it."""
 
-    def __init__(self, model, tokenizer, max_batch_rows: int = 32, min_round_steps: int = 8, stop_token_ids=None):
+    def __init__(self, model, tokenizer, max_batch_rows: int = 32, stop_token_ids=None, prefix_cache_bytes: int = 256 * 2**20):
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_rows, self.min_round_steps = max_batch_rows, min_round_steps
+        self.max_batch_rows = max_batch_rows
         self.stop_token_ids = tuple(stop_token_ids or default_stop_token_ids(model, tokenizer))
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._waiting: list[Job] = []
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.running_rows = 0
-        self.stats = {"requests": 0, "tokens": 0, "rounds": 0, "batches": 0, "cancelled": 0, "max_rows": 0}
+        # prefill_tokens: prompt tokens computed; prefix_hit_tokens: prompt tokens taken from the prefix cache
+        self.stats = {"requests": 0, "tokens": 0, "steps": 0, "batches": 0, "cancelled": 0, "max_rows": 0,
+                      "prefill_tokens": 0, "prefix_hit_tokens": 0}
 
     # ------------------------------------------------------------------------------------ public
 
@@ -201,101 +208,91 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ engine thread
 
-    def _take(self, key: tuple | None, room: int) -> list[Job]:
-        """Waiting jobs, oldest first, as many whole jobs as fit `room`. Lock held.
-
-        key None: a new batch, of the oldest job's key. Otherwise jobs joining a running batch of
-        `key`, up to the first waiting job of another key: that one goes next, so it never starves.
-        """
-        taken, barrier = [], key is not None
+    def _take(self, room: int) -> list[Job]:
+        """Waiting jobs, oldest first, while their rows fit `room` (the first that does not fit waits for room,
+        so a large n never starves). Lock held."""
+        taken = []
         for job in list(self._waiting):
             if job.cancelled:  # its client left before it got a row
                 self._waiting.remove(job)
                 self.stats["cancelled"] += job.request.n
                 continue
-            key = job.key if key is None else key
-            if job.key != key and barrier:
+            if job.request.n > room:
                 break
-            if job.key == key and job.request.n <= room:
-                taken.append(job)
-                room -= job.request.n
-                self._waiting.remove(job)
+            taken.append(job)
+            room -= job.request.n
+            self._waiting.remove(job)
         return taken
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._waiting and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                jobs = self._take(None, self.max_batch_rows)
-            if jobs:
-                self.stats["batches"] += 1
-                self._run_batch([Choice(job, i, self.tokenizer) for job in jobs for i in range(job.request.n)])
-
-    def _run_batch(self, rows: list[Choice]) -> None:
-        key = rows[0].job.key
-        request = rows[0].job.request
-        round_index = 0
-        while rows:
-            self.running_rows = len(rows)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
-            params = SamplingParams(
-                max_new_tokens=max(row.remaining for row in rows),
-                temperature=request.temperature,
-                top_p=request.top_p,
-                stop_token_ids=self.stop_token_ids,
-                seed=None if request.seed is None else request.seed + round_index,
-            )
-            try:
-                generate(self.model, self.tokenizer, [row.prompt() for row in rows], params, on_token=self._on_token(rows, key))
-            except _EndRound:
-                pass
-            except Exception as error:  # a failing batch must not take the server down with it
-                for job in {id(row.job): row.job for row in rows if not row.done}.values():
-                    job.emit(Failed(f"{type(error).__name__}: {error}"))
-                rows = []
-            self.stats["rounds"] += 1
-            round_index += 1
-            rows = [row for row in rows if not row.done]
-            if key[0] != "seed":
+        with torch.no_grad():
+            self.model.eval()
+            batch, rows = DecodeBatch(self.model, _pad_id(self.tokenizer), self.prefix_cache), []
+            while True:
                 with self._cond:
-                    new = self._take(key, self.max_batch_rows - len(rows))
-                rows += [Choice(job, i, self.tokenizer) for job in new for i in range(job.request.n)]
-        self.running_rows = 0
+                    while not self._waiting and not rows and not self._stopping:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    jobs = self._take(self.max_batch_rows - len(rows))
+                    self.running_rows = len(rows) + sum(job.request.n for job in jobs)  # never 0 while a taken job waits for its rows
+                try:
+                    if jobs:
+                        rows = self._drop_done(batch, self._admit(batch, rows, jobs))
+                    if rows:
+                        self._feed(rows, batch.step().tolist())
+                        rows = self._drop_done(batch, rows)
+                except Exception as error:  # a failing batch must not take the server down with it
+                    log.exception("the batch failed; its %d request(s) get the error", len(rows))
+                    failed = jobs + [row.job for row in rows if not row.done]
+                    for job in {id(job): job for job in failed}.values():
+                        job.emit(Failed(f"{type(error).__name__}: {error}"))
+                    batch, rows = DecodeBatch(self.model, _pad_id(self.tokenizer), self.prefix_cache), []
+                self.running_rows = len(rows)
+                self._sync_stats(batch)
 
-    def _on_token(self, rows: list[Choice], key: tuple):
-        seeded = key[0] == "seed"
+    def _admit(self, batch: DecodeBatch, rows: list[Choice], jobs: list[Job]) -> list[Choice]:
+        """Prefill the jobs' prompts into the running batch and feed each new row its first token."""
+        new = [Choice(job, i, self.tokenizer) for job in jobs for i in range(job.request.n)]
+        params = SamplingParams(temperature=[row.job.request.temperature for row in new], top_p=[row.job.request.top_p for row in new],
+                                seed=[row.generator for row in new])
+        first = batch.add([row.job.request.prompt_ids for row in new], RowSampling.build(params, len(new), batch.device))
+        self.stats["batches"] += rows == []
+        rows = rows + new
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+        self._feed(new, first.tolist())
+        return rows
 
-        def on_token(step, tokens, finished) -> None:
-            tokens, finished = tokens.tolist(), finished.tolist()
-            freed = False
-            for row, token, stopped in zip(rows, tokens, finished):
-                if row.done:
-                    continue
-                if row.job.cancelled:
-                    row.done, freed = True, True
-                    self.stats["cancelled"] += 1
-                    continue
-                row.feed(token, stopped)
-                self.stats["tokens"] += 1
-                freed |= row.done
-            if all(row.done for row in rows):
-                raise _EndRound
-            if seeded or step + 1 < self.min_round_steps:
-                return
-            # re-forming costs a prefill: worth it to admit waiting requests, or once half the rows are dead weight
-            live = sum(not row.done for row in rows)
-            if self._can_join(key, self.max_batch_rows - live) or (freed and 2 * live <= len(rows)):
-                raise _EndRound
+    def _feed(self, rows: list[Choice], tokens: list[int]) -> None:
+        stop = self.stop_token_ids
+        for row, token in zip(rows, tokens):
+            if row.done:
+                continue
+            if row.job.cancelled:
+                row.done = True
+                self.stats["cancelled"] += 1
+                continue
+            row.feed(token, token in stop)
+            self.stats["tokens"] += 1
 
-        return on_token
+    def _drop_done(self, batch: DecodeBatch, rows: list[Choice]) -> list[Choice]:
+        """Rows whose client left are dropped too; a finished row's prompt + reply goes to the prefix cache (the
+        next turn of its conversation starts with it)."""
+        for row in rows:
+            if row.job.cancelled and not row.done:
+                row.done = True
+                self.stats["cancelled"] += 1
+        keep = [i for i, row in enumerate(rows) if not row.done]
+        if len(keep) == len(rows):
+            return rows
+        if self.prefix_cache is not None:
+            for i, row in enumerate(rows):
+                if row.done and row.ids:  # the KV covers the prompt and the reply tokens fed so far (not the last)
+                    self.prefix_cache.store(row.prompt()[:-1], batch.row_kv(i))
+        batch.keep(keep)
+        return [rows[i] for i in keep]
 
-    def _can_join(self, key: tuple, room: int) -> bool:
-        """Would `_take(key, room)` admit a job now?"""
-        with self._cond:
-            for job in self._waiting:
-                if not job.cancelled:
-                    return job.key == key and job.request.n <= room
-        return False
+    def _sync_stats(self, batch: DecodeBatch) -> None:
+        for name in ("prefill_tokens", "prefix_hit_tokens", "steps"):
+            self.stats[name] += batch.stats[name]
+            batch.stats[name] = 0

@@ -204,6 +204,13 @@ class RowSampling:
         return RowSampling(self.temperature[keep], self.greedy[keep], self.top_k[keep], self.top_p[keep],
                            [self.generators[i] for i in index], self.shared)
 
+    @staticmethod
+    def cat(first: RowSampling, second: RowSampling) -> RowSampling:
+        """The rows of `first`, then those of `second` (the shared stream is `first`'s)."""
+        return RowSampling(torch.cat([first.temperature, second.temperature]), torch.cat([first.greedy, second.greedy]),
+                           torch.cat([first.top_k, second.top_k]), torch.cat([first.top_p, second.top_p]),
+                           first.generators + second.generators, first.shared)
+
     def scale(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if bool((self.temperature == 1).all()) else logits / self.temperature[:, None]
 
