@@ -138,7 +138,9 @@ def run_transformers(model, tokenizer, prompts, mode: str, new_tokens: int, seed
 def worker(tool: str, job: dict) -> None:
     import torch
 
-    from alignkit.models import load_causal_lm, load_tokenizer, make_tiny_model, resolve_model_path
+    from alignkit.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    from alignkit.testing import make_tiny_model
 
     torch.set_num_threads(job["threads"]) if job["threads"] else None
     dtype = getattr(torch, job["dtype"])

@@ -91,16 +91,18 @@ class PhaseClock:
 
 
 def worker_alignkit(job: dict, value_head: bool, padded: bool) -> dict:
+    import alignkit.rl.experience as experience
+    import alignkit.rl.ppo as ppo
     import alignkit.train.loop as loop
-    import alignkit.train.ppo as ppo
     from alignkit.config import PPOConfig
 
     trace: dict = {"t": [], "cpu": []}
     clock = PhaseClock()
-    # the functions run_ppo calls for each phase (with the default settings, _forward_all runs only the reference)
-    for name, function in (("generation", "rollout"), ("reward", "_score"), ("values", "_critic_all"), ("values", "_critic_first_pass"),
-                           ("reference", "_forward_all"), ("update", "_optimize")):
-        setattr(ppo, function, clock.wrap(name, getattr(ppo, function)))
+    # the functions an iteration calls for each phase (with the default settings, forward_all runs only the reference)
+    for module, name, function in ((experience, "generation", "rollout"), (experience, "reward", "score_responses"),
+                                   (experience, "values", "critic_all"), (experience, "values", "critic_first_pass"),
+                                   (experience, "reference", "forward_all"), (ppo, "update", "optimize")):
+        setattr(module, function, clock.wrap(name, getattr(module, function)))
     write = loop.MetricsLog.write
 
     def stamped(self, row):  # logging_steps=1: one row per iteration, written after its update
@@ -133,13 +135,13 @@ def worker_trl(job: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from alignkit.config import PPOConfig as AlignkitConfig
     from alignkit.models import load_tokenizer
     from alignkit.data.prompts import load_prompts
+    from alignkit.data.tokenize import Formatting
 
     tokenizer = load_tokenizer(job["model"])  # alignkit's tokenizer rules (pad = eos where there is no pad)
     tokenizer.padding_side = "left"
-    prompts = load_prompts(job["data"], "train", tokenizer, AlignkitConfig(use_chat_template="yes"))
+    prompts = load_prompts(job["data"], "train", tokenizer, Formatting(use_chat_template="yes"))
     dataset = Dataset.from_list([{"input_ids": p.ids} for p in prompts])  # the very tokens alignkit samples from
     rm = str(reward_model_dir(job["model"]))
     policy = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
@@ -214,7 +216,7 @@ def worker(tool: str, job: dict) -> dict:
 def prepare(case: str) -> tuple[str, str]:
     """The policy and the prompts; writes the case's reward model (policy trunk + a seeded random score head) once."""
     from alignkit.models import load_tokenizer
-    from alignkit.rewards import init_head, load_reward_model
+    from alignkit.reward_model import init_head, load_reward_model
 
     model = model_path(CASES[case]["model"])
     target = reward_model_dir(model)
@@ -292,14 +294,15 @@ def measure_old_policy_pass(model_name: str = "smollm2-135m-instruct", batch: in
 
     from alignkit.config import PPOConfig
     from alignkit.data.prompts import load_prompts
+    from alignkit.data.tokenize import Formatting
     from alignkit.generation import SamplingParams
     from alignkit.models import load_causal_lm, load_tokenizer
-    from alignkit.rollout import rollout
-    from alignkit.train.ppo import _forward_all
+    from alignkit.rl.rollout import rollout
+    from alignkit.rl.experience import forward_all
 
     tokenizer, lm = load_tokenizer(model_name), load_causal_lm(model_name).eval()
     cfg = PPOConfig(use_chat_template="yes", mini_batch_size=batch, temperature=1.0)
-    ids = [p.ids for p in load_prompts(str(PROMPTS), "train", tokenizer, cfg)[:batch]]
+    ids = [p.ids for p in load_prompts(str(PROMPTS), "train", tokenizer, Formatting(use_chat_template="yes"))[:batch]]
     head = torch.nn.Linear(lm.config.hidden_size, 1)
     params = SamplingParams(response_length, 1.0, seed=0)
     times = defaultdict(list)
@@ -309,7 +312,7 @@ def measure_old_policy_pass(model_name: str = "smollm2-135m-instruct", batch: in
             episodes = rollout(lm, tokenizer, ids, params, **kwargs)
             times[name].append(time.process_time() - start)
         start = time.process_time()
-        _forward_all(lm, episodes, cfg, value_head=head, entropy=True)
+        forward_all(lm, episodes, cfg, value_head=head, entropy=True)
         times["teacher_forced_pass"].append(time.process_time() - start)
     med = {name: round(statistics.median(v), 3) for name, v in times.items()}
     return {"model": model_name, "batch": batch, "response_tokens": int(episodes.response_mask.sum()), "cpu_s": med,

@@ -188,7 +188,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def model_path(name: str) -> str:
     """"tiny" -> the random tiny Llama (made once); anything else -> alignkit's resolution of the name."""
-    from alignkit.models import make_tiny_model, resolve_model_path
+    from alignkit.models import resolve_model_path
+    from alignkit.testing import make_tiny_model
 
     if name == "tiny":
         model, shape = WORK / "tiny-llama", TINY

@@ -17,7 +17,7 @@ def words(prompts, responses):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_model_dir):
-    from alignkit.models import make_tiny_model
+    from alignkit.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("precision")
     rows = tasks.make_mixture(["reversal", "arithmetic"], "train", 8, seed=1)
@@ -33,7 +33,7 @@ def run_stage(stage: str, files, model_dir, output_dir, **overrides) -> list[dic
     """One optimizer step (one PPO iteration) of `stage` with learning rate 0; its metrics rows."""
     from alignkit import config
     from alignkit.train.dpo import run_dpo
-    from alignkit.train.ppo import run_ppo
+    from alignkit.rl.ppo import run_ppo
     from alignkit.train.rm import run_rm
     from alignkit.train.sft import run_sft
 

@@ -154,14 +154,14 @@ def captured(monkeypatch):
     """Replace the trainers, the scorer and the evaluator by recorders; return what each was called with."""
     import alignkit.evaluate.runner as runner
     import alignkit.evaluate.sensitivity as sensitivity
-    import alignkit.rewards as rewards
-    import alignkit.train.ppo as ppo
+    import alignkit.evaluate.score as score
+    import alignkit.rl.ppo as ppo
     import alignkit.train.sft as sft
 
     calls = {}
     monkeypatch.setattr(sft, "run_sft", lambda cfg: calls.setdefault("sft", cfg) and {"loss": 1.25, "step": 3, "eval_loss": None})
     monkeypatch.setattr(ppo, "run_ppo", lambda cfg: calls.setdefault("ppo", cfg) and {"score": 0.5})
-    monkeypatch.setattr(rewards, "score_file", lambda *a: calls.setdefault("score", a) and {"rows": 0, "mean_reward": 0.0})
+    monkeypatch.setattr(score, "score_file", lambda *a: calls.setdefault("score", a) and {"rows": 0, "mean_reward": 0.0})
     monkeypatch.setattr(runner, "run_eval", lambda cfg: calls.setdefault("eval", cfg))
     monkeypatch.setattr(sensitivity, "run_sensitivity", lambda cfg: calls.setdefault("sensitivity", cfg))
     return calls

@@ -363,10 +363,10 @@ def test_cli_bad_row_exits_2_and_skip_invalid_trains(tmp_path, tiny_model_dir):
     out = tmp_path / "out2"
     result = CliRunner().invoke(app, sft_flags(tiny_model_dir, path, out, "--skip_invalid"))
     assert result.exit_code == 0, result.output
-    assert f"train ({path}): format prompt_completion; kept: 3 examples" in result.stdout
-    assert "skipped 2 invalid row(s):" in result.stdout
-    assert f"  1 x wrong type in 'completion'  (e.g. {path}:3: field 'completion': must be a string, got int)" in result.stdout
-    assert f"  1 x malformed JSON  (e.g. {path}:5: malformed JSON" in result.stdout
+    assert f"train ({path}): format prompt_completion; kept: 3 examples" in result.output
+    assert "skipped 2 invalid row(s):" in result.output
+    assert f"  1 x wrong type in 'completion'  (e.g. {path}:3: field 'completion': must be a string, got int)" in result.output
+    assert f"  1 x malformed JSON  (e.g. {path}:5: malformed JSON" in result.output
     report = json.loads((out / "data_report.json").read_text())
     assert report["train"]["format"] == "prompt_completion"
     assert report["train"]["examples"] == 3

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from alignkit.generation import GenerationOutput, SamplingParams, generate, generate_text
-from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, make_tiny_model
+from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer
+from alignkit.testing import make_tiny_model
 
 # different lengths so the batch is left-padded
 PROMPTS = ["Hello there, how are you today?", "Hi", "The quick brown fox jumps over the lazy dog and then"]
@@ -273,7 +274,7 @@ def test_shared_prefix_prefill_samples_what_the_full_prefill_samples(tiny, monke
     one token): the prefix is prefilled once and its cache repeated, with the same tokens, log-probs and
     (through the LM-head hook PPO uses) per-step entropies as the whole left-padded prefill."""
     import alignkit.generation as generation
-    from alignkit.rollout import policy_forward, rollout
+    from alignkit.rl.rollout import policy_forward, rollout
 
     model, tokenizer = tiny
     system = tokenizer("System: you are a careful and friendly assistant who answers briefly and kindly. User:", add_special_tokens=False)["input_ids"]

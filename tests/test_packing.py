@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from alignkit.packing import pack_episodes, tree_mask
-from alignkit.rollout import Episodes, critic_values, policy_forward
+from alignkit.rl.rollout import Episodes, critic_values, policy_forward
 
 
 def test_tree_mask_matches_its_definition():
@@ -95,7 +95,7 @@ def test_shared_rows_hold_fewer_tokens_and_respect_the_budget(tokenizer):
 
 
 def test_critic_in_shared_rows(tiny_model_dir, tokenizer, tmp_path):
-    from alignkit.rewards import load_reward_model
+    from alignkit.reward_model import load_reward_model
 
     critic, _ = load_reward_model(str(tiny_model_dir))
     episodes = _episodes(tokenizer, PROMPTS, RESPONSES)
@@ -104,7 +104,7 @@ def test_critic_in_shared_rows(tiny_model_dir, tokenizer, tmp_path):
 
 
 def test_reward_model_scores_in_shared_rows(tiny_model_dir, tokenizer):
-    from alignkit.rewards import init_head, load_reward_model, score_sequences
+    from alignkit.reward_model import init_head, load_reward_model, score_sequences
 
     rm, _ = load_reward_model(str(tiny_model_dir))
     init_head(rm.model, seed=0)

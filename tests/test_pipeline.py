@@ -18,7 +18,7 @@ import pytest
 from alignkit.pipeline.fingerprint import fingerprints
 from alignkit.pipeline.judges import BREVITY_CHARS, BREVITY_WEIGHT, pairs_from_scores, task_gold
 from alignkit.pipeline.recipe import RecipeError, load_recipe
-from alignkit.train.ppo import overoptimized
+from alignkit.rl.ppo import overoptimized
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"
@@ -271,7 +271,7 @@ def test_gold_reward_fn_is_logged_and_never_trained_on(tiny_model_dir, tmp_path)
     from alignkit.config import PPOConfig
     from alignkit.data import tasks
     from alignkit.data.formats import write_jsonl
-    from alignkit.train.ppo import run_ppo
+    from alignkit.rl.ppo import run_ppo
 
     write_jsonl(tasks.make_mixture(["arithmetic"], "train", 8, seed=0), tmp_path / "prompts.jsonl")
     (tmp_path / "judges.py").write_text("def words(prompts, responses, **columns):\n    return [len(r.split()) for r in responses]\n"

@@ -70,7 +70,7 @@ def run(kind: str, settings: dict) -> None:
 
         run_dpo(DPOConfig(**settings))
     else:
-        from alignkit.train.ppo import run_ppo
+        from alignkit.rl.ppo import run_ppo
 
         run_ppo(PPOConfig(**settings))
 

@@ -13,7 +13,7 @@ from alignkit.data import tasks
 from alignkit.data.formats import DataError, Row, write_jsonl
 from alignkit.data.preferences import preference_example, tokenize_preference
 from alignkit.data.tokenize import Formatting
-from alignkit.rewards import RewardModel, init_head, load_reward_model
+from alignkit.reward_model import RewardModel, init_head, load_reward_model
 from alignkit.train.rm import collate, rm_loss, run_rm
 
 PAIRS = [
@@ -277,7 +277,7 @@ def test_lora_saves_a_merged_model_that_scores_like_the_trained_one(tmp_path, ti
     out = tmp_path / "out"
     assert not (out / "adapter_config.json").exists()
     AutoModelForSequenceClassification.from_pretrained(out)  # a plain model: no base path needed
-    from alignkit.rewards import score_file
+    from alignkit.evaluate.score import score_file
 
     summary = score_file(str(out), "builtin_pref:comparison:40", str(tmp_path / "scored.jsonl"), split="test", progress=False)
     assert summary["accuracy"] == pytest.approx(last["eval_accuracy"])

@@ -206,10 +206,10 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
 
 
 def test_ppo_guard_runs_before_models_load(tmp_path, monkeypatch):
-    import alignkit.train.ppo as ppo
+    import alignkit.rl.ppo as ppo
 
     (tmp_path / "config.yaml").write_text("seed: 1\n")
-    monkeypatch.setattr(ppo, "make_accelerator", lambda cfg: pytest.fail("setup went on after the guard should have refused"))
+    monkeypatch.setattr(ppo, "training_device", lambda: pytest.fail("setup went on after the guard should have refused"))
     with pytest.raises(ValueError, match="another run's outputs"):
         ppo.run_ppo(PPOConfig(dataset="builtin:arithmetic:4", reward_fn="builtin:exact_match", output_dir=str(tmp_path)))
 
@@ -220,7 +220,7 @@ def test_ppo_nonfinite_update_stops_or_is_skipped_and_counted(tiny_model_dir, tm
     from safetensors.torch import load_file
 
     from alignkit.config import PPOConfig
-    from alignkit.train.ppo import run_ppo
+    from alignkit.rl.ppo import run_ppo
 
     write_jsonl([{"prompt": f"Say {w}."} for w in ("hi", "yes", "no", "red")], tmp_path / "prompts.jsonl")
     (tmp_path / "reward.py").write_text("def nan(prompts, responses, **kw):\n    return [float('nan')] * len(responses)\n")

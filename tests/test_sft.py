@@ -149,7 +149,8 @@ def test_sft_learns_a_task_and_generalizes_to_held_out_items(tmp_path):
     earlier); the 10-seed spread is not measured yet (27 min a run on the shared machine). The bound 0.7
     (0.85 before) stays far above the untrained model's < 0.1."""
     from alignkit.evaluate.tasks import exact_match_eval
-    from alignkit.models import load_causal_lm, load_tokenizer, make_tiny_model
+    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.testing import make_tiny_model
     from alignkit.train.sft import formatting
 
     tiny_model_dir = make_tiny_model(tmp_path / "model", hidden_size=128, num_layers=2)  # 64 wide learns it only sometimes

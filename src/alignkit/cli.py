@@ -70,7 +70,7 @@ config_command("rm", RMConfig, _trainer("alignkit.train.rm", "run_rm"),
                "Train a reward model on comparisons: −log σ(r_better − r_worse).")
 config_command("dpo", DPOConfig, _trainer("alignkit.train.dpo", "run_dpo"),
                "Direct preference optimization (and IPO, SLiC, robust, SimPO, RPO).")
-config_command("ppo", PPOConfig, _trainer("alignkit.train.ppo", "run_ppo"),
+config_command("ppo", PPOConfig, _trainer("alignkit.rl.ppo", "run_ppo"),
                "RL from a reward: PPO (value head + GAE), or critic-free RLOO/GRPO, with a KL penalty to the reference.")
 
 
@@ -134,7 +134,7 @@ class ScoreConfig:
 
 
 def run_score(cfg: ScoreConfig) -> None:
-    from alignkit.rewards import score_file
+    from alignkit.evaluate.score import score_file
 
     summary = score_file(cfg.reward_model, cfg.dataset, cfg.output, cfg.dataset_split, cfg.per_device_eval_batch_size,
                          cfg.skip_invalid, cfg.progress)

@@ -406,13 +406,13 @@ def generate_text(model, tokenizer, prompts: list[str], params: SamplingParams, 
     order. With a seed, batch i uses seed + i so batches do not share random draws. A non-empty
     `progress` names a progress bar over the prompts.
     """
-    from rich.progress import Progress
+    from alignkit.progress import progress_bar
 
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[str] = [""] * len(prompts)
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task(progress or "generate", total=len(prompts))
+    with progress_bar(bool(progress)) as bar:
+        task = bar.add_task(progress or "generate", total=len(prompts), status="")
         for batch_index, start in enumerate(range(0, len(order), batch_size)):
             _generate_batch(model, tokenizer, encoded, order[start : start + batch_size], params, batch_index, results)
             bar.advance(task, min(batch_size, len(order) - start))

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from alignkit.data.formats import DataError, InvalidRows, Row, _check_turns, _message_list, _string, read_rows
+from alignkit.data.formats import (DataError, InvalidRows, Row, _check_turns, _message_list, _string, detect_sft_format, read_rows,
+                                   sft_example)
 from alignkit.data.tokenize import Formatting, tokenize_example
 
 
@@ -172,3 +173,31 @@ def tokenize_preferences(examples: list[Preference], tokenizer, fmt: Formatting,
             out.truncated += 1
         out.examples.append(tokenized)
     return out
+
+
+@dataclass
+class ScoringItem:
+    row: dict  # the input row, echoed in the output
+    sequences: list[list[int]]  # prompt + response token ids, one per response
+    pairs: list[tuple[int, int]]  # (better, worse) for preference rows; empty for a single response
+
+
+def read_for_scoring(source: str, split: str, tokenizer, fmt: Formatting, invalid: InvalidRows) -> list[ScoringItem]:
+    """Preference rows (chosen/rejected or responses) or single responses (any SFT format), tokenized as `fmt`
+    formats them: what `alignkit score` and reward normalization feed a reward model."""
+    rows = read_rows(source, split, invalid)
+    if not rows:
+        raise DataError(source, "no rows found (empty file?)")
+    preference = "chosen" in rows[0].data or "responses" in rows[0].data
+    sft_format = None if preference else detect_sft_format(rows[0])
+    items = []
+    for row in rows:
+        try:
+            if preference:
+                tokenized = tokenize_preference(preference_example(row), tokenizer, fmt)
+                items.append(ScoringItem(row.data, [tokenized.sequence(k) for k in range(len(tokenized.response_ids))], tokenized.pairs))
+            else:
+                items.append(ScoringItem(row.data, [tokenize_example(sft_example(row, sft_format), tokenizer, fmt)[0]], []))
+        except DataError as error:
+            invalid.report(error)
+    return items

@@ -144,7 +144,7 @@ def reward_model_scorer(directory: str, batch_size: int = 16):
     was trained (its saved formatting: chat template or separator, end of turn included)."""
     from alignkit.data.tokenize import tokenize_example
     from alignkit.models import load_tokenizer
-    from alignkit.rewards import load_reward_model, score_sequences, training_formatting
+    from alignkit.reward_model import load_reward_model, score_sequences, training_formatting
 
     tokenizer = load_tokenizer(directory)
     rm, head_is_new = load_reward_model(directory)
@@ -171,7 +171,7 @@ def rouge_l_reward(prompts: list[str], responses: list[str], completion: list[st
 
 def build_judge(spec: str, columns: dict[str, list], judge_model: str = "", api_key: str | None = None, client=None):
     """A judge from its --judge spec; `columns` are the prompt rows' other fields (e.g. completion), one list each."""
-    from alignkit.rewards import _call_reward, load_reward_function
+    from alignkit.rl.rewards import call_reward, load_reward_function
 
     if not spec:
         raise ValueError("--judge is required: reward_model:DIR, builtin:NAME, module:function, pairwise:module:function or llm:BASE_URL")
@@ -184,7 +184,7 @@ def build_judge(spec: str, columns: dict[str, list], judge_model: str = "", api_
         fn = load_reward_function(rest)
         return lambda prompts, first, second: [float(v) for v in fn(prompts, first, second)]
     fn = rouge_l_reward if spec == "builtin:rouge_l" else load_reward_function(spec)
-    return pointwise_judge(lambda prompts, responses: _call_reward(fn, prompts, responses, columns))
+    return pointwise_judge(lambda prompts, responses: call_reward(fn, prompts, responses, columns))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def sequence_kl(policy, reference, tokenizer, prompt_ids: list[list[int]], max_n
     import torch
 
     from alignkit.generation import SamplingParams
-    from alignkit.rollout import policy_forward, rollout
+    from alignkit.rl.rollout import policy_forward, rollout
 
     k1, k3, lengths = [], [], []
     repeated = [p for p in prompt_ids for _ in range(samples)]

@@ -42,10 +42,10 @@ def task_gold(prompts: list[str], responses: list[str], completion: list[str] | 
 
 def load_gold(spec: str):
     """The gold judge as fn(prompts, responses, **columns) -> scores (columns it does not take are dropped)."""
-    from alignkit.rewards import _call_reward, load_reward_function
+    from alignkit.rl.rewards import call_reward, load_reward_function
 
     fn = load_reward_function(spec)
-    return lambda prompts, responses, **columns: _call_reward(fn, prompts, responses, columns)
+    return lambda prompts, responses, **columns: call_reward(fn, prompts, responses, columns)
 
 
 def pairs_from_scores(prompt: str, responses: list[str], scores: list[float], extra: dict | None = None) -> list[dict]:

@@ -215,9 +215,9 @@ def stage_rm(recipe: Recipe, run: Path, resume: bool) -> dict:
 def _kill_after_checkpoint(target: int) -> None:
     """Test hook: after the PPO stage's `target`-th checkpoint is on disk, SIGKILL the pipeline and this process
     (as a power cut or the OOM killer would)."""
-    from alignkit.train import ppo
+    from alignkit.train import loop
 
-    original, saved = ppo.save_checkpoint, []
+    original, saved = loop.save_checkpoint, []
 
     def save_then_kill(*args, **kwargs):
         original(*args, **kwargs)
@@ -226,14 +226,14 @@ def _kill_after_checkpoint(target: int) -> None:
             os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    ppo.save_checkpoint = save_then_kill
+    loop.save_checkpoint = save_then_kill
 
 
 def stage_ppo(recipe: Recipe, run: Path, resume: bool) -> dict:
     """PPO (or RLOO/GRPO) from the SFT model against the reward model, KL to the SFT model; the gold judge scores the
     same samples each iteration (logged as gold_score, never trained on)."""
     from alignkit.config import PPOConfig
-    from alignkit.train.ppo import run_ppo
+    from alignkit.rl.ppo import run_ppo
 
     if os.environ.get(KILL_HOOK):
         _kill_after_checkpoint(int(os.environ[KILL_HOOK]))
@@ -283,7 +283,7 @@ def main(argv: list[str]) -> int:
     try:
         run_stage(stage, run, "--resume" in argv[2:])
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as error:
-        print(f"error in stage {stage}: {error}", file=sys.stderr)
+        log.error(f"error in stage {stage}: {error}")
         return 2
     return 0
 

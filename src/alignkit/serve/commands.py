@@ -53,7 +53,7 @@ def run_serve(cfg: ServeConfig) -> None:
         raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {error.strerror or error}") from None
     state = load_state(cfg)
     log.info(str({k: v for k, v in config_dict(cfg).items() if v not in ("", 0)}))
-    print(f"serving {state.model_id} on http://{cfg.host}:{cfg.port} (web page at /, API at /v1)", flush=True)
+    log.info(f"serving {state.model_id} on http://{cfg.host}:{cfg.port} (web page at /, API at /v1)")
     try:
         uvicorn.Server(uvicorn.Config(create_app(state), log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
     finally:
@@ -65,11 +65,11 @@ def run_feedback_export(cfg: FeedbackExportConfig) -> None:
 
     if cfg.kind == "demonstrations":
         written = export_demonstrations(cfg.feedback_db, cfg.output, cfg.annotator or None)
-        print(f"wrote {written} demonstration(s) to {cfg.output} (prompt/completion rows for `alignkit sft --dataset`)")
+        log.info(f"wrote {written} demonstration(s) to {cfg.output} (prompt/completion rows for `alignkit sft --dataset`)")
         return
     counts = export_preferences(cfg.feedback_db, cfg.output, cfg.annotator or None)
     written = counts["pairs"] + counts["rankings"]
-    print(f"wrote {written} row(s) to {cfg.output}: {counts['pairs']} pair(s), {counts['rankings']} ranking(s); "
+    log.info(f"wrote {written} row(s) to {cfg.output}: {counts['pairs']} pair(s), {counts['rankings']} ranking(s); "
           f"skipped {counts['skipped_all_tie']} judgment(s) where every response tied")
 
 

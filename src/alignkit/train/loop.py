@@ -1,10 +1,13 @@
 """The one training loop every trainer uses.
 
-A trainer describes its stage with a `Stage` (examples, how to batch them, the loss); this module
-does the rest: accelerate (so `torchrun`/`accelerate launch` give DDP), AdamW, the LR schedule,
-gradient accumulation, clipping, mixed precision, periodic eval, progress, metrics.jsonl,
-checkpoints and exact resume. PPO reuses the pieces (optimizer, checkpoints, metrics) around its own
-rollout/update cycle.
+A trainer describes its stage; this module does the rest: accelerate (so `torchrun`/`accelerate launch`
+give DDP), AdamW, the LR schedule, clipping, mixed precision, periodic eval, progress, metrics.jsonl,
+checkpoints, exact resume and the final save. Two kinds of stage supply one step's worth of work:
+
+- `Stage` (SFT, RM, DPO): examples, how to batch them and a batch loss; `batch_loss_step` runs one
+  optimizer step over its gradient-accumulated micro-batches;
+- `Iterations` (PPO/RLOO/GRPO): `iteration(step, engine)` makes experience and optimizes on it (several
+  optimizer steps, each through `optimizer_step`), and returns the step's metrics row.
 
 Normalization: the loss of one optimizer step is Σ(loss sums) / Σ(example weights) over all its
 micro-batches on all processes. Every process knows the whole step's examples (the data order is
@@ -14,7 +17,6 @@ a pure function of the seed), so it computes that denominator locally, with no c
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -33,13 +35,15 @@ from alignkit.train.checkpoint import (  # noqa: F401  (find_checkpoint, trainab
     trainable_state,
 )
 from alignkit.precision import autocast, resolve_mixed_precision
+from alignkit.train import sharding
+from alignkit.train.metrics import MetricsLog  # noqa: F401  (benchmarks time steps by wrapping MetricsLog.write)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Stage:
-    """What a trainer tells the loop."""
+    """A batch-loss stage (SFT, RM, DPO): what the trainer tells the loop."""
 
     model: torch.nn.Module
     train_examples: list
@@ -50,6 +54,32 @@ class Stage:
     save: Callable[[torch.nn.Module, Path], None]  # writes the final model in HF format
     eval_examples: list | None = None
     # values the stage sets once and exact resume must restore (JSON-serialisable); saved in every checkpoint
+    state: dict = field(default_factory=dict)
+
+
+@dataclass
+class Engine:
+    """What a stage's step works with: the accelerator and the prepared model and optimizer (a DDP module and
+    accelerate's optimizer under torchrun), the LR schedule and the run's config."""
+
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    cfg: TrainConfig
+
+
+@dataclass
+class Iterations:
+    """A stage that runs its own optimizer steps within each loop step (PPO: one rollout-and-update iteration)."""
+
+    model: torch.nn.Module  # what the optimizer trains (prepared by accelerate); kept in eval mode (no dropout)
+    steps: int  # loop steps (iterations)
+    schedule_steps: int  # optimizer steps the LR schedule spans
+    iteration: Callable[[int, Engine], dict]  # (step, engine) -> the step's metrics row
+    save: Callable[[torch.nn.Module, Path], None]  # writes the final model in HF format
+    status: Callable[[dict], str] = lambda row: ""  # the progress bar's text for a row
+    # values exact resume must restore (JSON-serialisable; the iteration may update them); saved in every checkpoint
     state: dict = field(default_factory=dict)
 
 
@@ -111,6 +141,14 @@ def make_accelerator(cfg: TrainConfig):
     if accelerator.num_processes != expected:
         raise RuntimeError(f"launched with WORLD_SIZE={expected} but accelerate sees {accelerator.num_processes} process(es)")
     return accelerator
+
+
+def training_device() -> torch.device:
+    """The device `make_accelerator`'s accelerator trains on, known before it exists (accelerate's process state,
+    which it keeps): where a trainer loads the frozen models that are not prepared (PPO's reference and reward)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).device
 
 
 def forward_context(cfg: TrainConfig, device):
@@ -183,21 +221,22 @@ def micro_batches(num_examples: int, batch_size: int, seed: int, start: int = 0)
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
-def check_sharding_backend() -> None:
-    """accelerate (1.15) turns on FSDP and DeepSpeed only on GPUs and other accelerators: on a CPU-only machine
-    an `accelerate launch --config_file configs/accelerate/fsdp.yaml` run would silently train as plain DDP (or
-    each process alone). Refuse instead of pretending; see docs/distributed.md."""
-    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "false").lower() == "true" and not torch.cuda.is_available():
-            raise ValueError(f"the accelerate config asks for {name} ({variable}=true), which accelerate runs only on GPUs; this machine "
-                             "has none. On CPU use configs/accelerate/ddp.yaml (DDP over gloo) or torchrun")
+def check_sharding_backend(cfg: TrainConfig) -> None:
+    """accelerate (1.15) turns on FSDP and DeepSpeed only on GPUs: on a CPU-only machine FSDP runs through
+    alignkit.train.sharding (its supported settings checked here), and DeepSpeed, which needs CUDA, is refused
+    instead of silently training as plain DDP; see docs/distributed.md."""
+    if sharding.fsdp_requested():
+        sharding.check_fsdp_config(cfg)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        raise ValueError("the accelerate config asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), which needs CUDA GPUs; this machine "
+                         "has none. On CPU use configs/accelerate/fsdp.yaml (FSDP2) or configs/accelerate/ddp.yaml (DDP over gloo)")
 
 
 def check_engine_flags(cfg: TrainConfig) -> None:
     """The engine's flags, checked before any model loads: --mixed_precision is resolved ("auto" -> bf16 | no,
     fp16 off CUDA refused) and --report_to must name a destination that is available."""
     cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
-    check_sharding_backend()
+    check_sharding_backend(cfg)
     if cfg.report_to not in REPORT_TO:
         raise ValueError(f"--report_to must be one of {' | '.join(REPORT_TO)}, got {cfg.report_to!r}")
     if cfg.report_to == "wandb":
@@ -205,73 +244,6 @@ def check_engine_flags(cfg: TrainConfig) -> None:
             import wandb  # noqa: F401
         except ImportError:
             raise ValueError("--report_to wandb needs the wandb package (pip install wandb); --report_to tensorboard works offline") from None
-
-
-def _scalars(row: dict) -> dict[str, float]:
-    """The numeric fields of a metrics row as (tag, value): eval_x -> eval/x, anything else -> train/x."""
-    scalars = {}
-    for key, value in row.items():
-        if key == "step" or isinstance(value, str) or value is None:
-            continue
-        tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
-        scalars[tag] = float(value)
-    return scalars
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, appended; on resume, rows past the checkpoint (and a line
-    torn by a kill) are dropped, in an atomic rewrite.
-    With --report_to tensorboard each row's numbers also go to OUTPUT/runs/ as scalars (events past the
-    checkpoint are purged on resume); with wandb, to the wandb run."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int = 0, report_to: str = "none", run_dir: Path | None = None,
-                 config: TrainConfig | None = None):
-        self.path, self.enabled = path, enabled
-        if enabled and path.exists() and resume_step:
-            atomic.write_jsonl(path, [r for r in _json_rows(path) if r.get("step", 0) <= resume_step])
-        elif enabled and path.exists():
-            path.unlink()
-        self.tensorboard = self.wandb = None
-        if enabled and report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            run_dir = run_dir or path.parent / "runs"
-            self.tensorboard = SummaryWriter(str(run_dir), purge_step=resume_step + 1 if resume_step else None)
-        elif enabled and report_to == "wandb":
-            import dataclasses
-
-            import wandb
-
-            self.wandb = wandb.init(project="alignkit", name=path.parent.name, dir=str(path.parent), resume="allow",
-                                    config=dataclasses.asdict(config) if config is not None else None)
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        step = int(row.get("step", 0))
-        if self.tensorboard is not None:
-            for tag, value in _scalars(row).items():
-                self.tensorboard.add_scalar(tag, value, step)
-        if self.wandb is not None:
-            self.wandb.log(_scalars(row), step=step)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _json_rows(path: Path) -> list[dict]:
-    rows = []
-    for line in filter(str.strip, path.read_text().splitlines()):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("%s: dropped a torn line (a killed run was writing it): %.60s", path, line)
-    return rows
 
 
 def progress_bar(enabled: bool):
@@ -284,7 +256,7 @@ def progress_bar(enabled: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# the loop
+# one step's worth of work
 
 
 def total_steps(cfg: TrainConfig, num_examples: int, world: int) -> int:
@@ -300,11 +272,11 @@ def evaluate(stage: Stage, accelerator, model, cfg: TrainConfig) -> dict[str, fl
     model.eval()
     examples = stage.eval_examples or []
     totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=accelerator.device)}
-    mine = examples[accelerator.process_index :: accelerator.num_processes]
-    for start in range(0, len(mine), cfg.per_device_eval_batch_size):
-        chunk = mine[start : start + cfg.per_device_eval_batch_size]
+    for chunk, counted in sharding.eval_chunks(model, examples, accelerator.process_index, accelerator.num_processes, cfg.per_device_eval_batch_size):
         with forward_context(cfg, accelerator.device):
             loss_sum, metrics = stage.loss(model, _to_device(stage.collate(chunk), accelerator.device))
+        if not counted:
+            continue  # FSDP: a forward that only takes part in the other processes' weight gathering
         totals["loss"] += loss_sum.detach().float()
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0) + value.detach().float()
@@ -330,6 +302,98 @@ def _grad_norm(model, cfg: TrainConfig, accelerator) -> tuple[float | None, floa
     return None, float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
+def optimizer_step(engine: Engine, loss: float, step: int) -> tuple[float | None, bool]:
+    """After the backward passes of one update: clip, check loss and gradient for inf/nan, step the optimizer
+    (fp16: through accelerate's loss scaler), advance the schedule, clear the gradients. Every process holds
+    the same (all-reduced) gradients and loss, so all agree on skipping. Returns (the gradient norm to log,
+    whether --skip_nonfinite skipped the update)."""
+    grad_norm, checked_norm = _grad_norm(engine.model, engine.cfg, engine.accelerator)
+    skipped = nonfinite_step(loss, checked_norm, step, engine.cfg)
+    if not skipped:  # a skipped update keeps weights and moments; the schedule still advances (LR = f(step))
+        engine.optimizer.step()
+    advance_schedule(engine.scheduler)
+    engine.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+def batch_loss_step(stage: Stage, engine: Engine, examples: list[list], step: int) -> tuple[dict, float | None, bool]:
+    """One optimizer step of a batch-loss stage over `examples`, the step's micro-batches on all processes (this
+    process takes its share). Returns (this process's metric sums, each / the step's denominator; the gradient
+    norm; whether the step was skipped)."""
+    accelerator, model, cfg = engine.accelerator, engine.model, engine.cfg
+    world, rank = accelerator.num_processes, accelerator.process_index
+    denominator = sum(stage.weight(e) for batch in examples for e in batch)
+    mine = examples[rank::world]
+    sums = {"loss": torch.zeros((), device=accelerator.device)}
+    for index, chunk in enumerate(mine):
+        batch = _to_device(stage.collate(chunk), accelerator.device)
+        sync = index == len(mine) - 1
+        with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+            with forward_context(cfg, accelerator.device):
+                loss_sum, metrics = stage.loss(model, batch)
+            # DDP averages gradients over processes; scale so the result is the step's sum / denominator
+            accelerator.backward(loss_sum * (world / denominator))
+        sums["loss"] += loss_sum.detach().float() / denominator
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0) + value.detach().float() / denominator
+    step_loss = float(accelerator.reduce(sums["loss"], reduction="sum")) if world > 1 else float(sums["loss"])
+    grad_norm, skipped = optimizer_step(engine, step_loss, step)
+    return sums, grad_norm, skipped
+
+
+@dataclass
+class Window:
+    """A batch-loss stage's metric sums over the steps since the last logged row; saved in checkpoints (the sums
+    per process), so a resumed run logs the rows of an uninterrupted one."""
+
+    sums: dict
+    steps: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def means(self, accelerator) -> dict:
+        """The window's means (reduced over processes; None when every step was skipped) and throughput; starts a new window."""
+        row = {k: accelerator.reduce(v, reduction="sum").item() / self.steps if self.steps else None for k, v in self.sums.items()}
+        row["tokens_per_second"] = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.sums = {key: torch.zeros((), device=accelerator.device) for key in self.sums}
+        self.steps, self.tokens = 0, 0
+        return row
+
+
+def _batch_loss_row(stage: Stage, engine: Engine, stream, window: Window, state: dict, step: int, logging: bool) -> dict | None:
+    """Run step `step` of a batch-loss stage; its metrics row when `logging` (the window's means), else None."""
+    cfg = engine.cfg
+    per_step = cfg.gradient_accumulation_steps * engine.accelerator.num_processes
+    examples = [[stage.train_examples[i] for i in next(stream)] for _ in range(per_step)]
+    learning_rate = engine.scheduler.get_last_lr()[0]
+    sums, grad_norm, skipped = batch_loss_step(stage, engine, examples, step)
+    step_tokens = sum(stage.num_tokens(e) for batch in examples for e in batch)
+    state["nonfinite_skipped"] += skipped
+    state["tokens"] += step_tokens
+    window.tokens += step_tokens
+    if not skipped:
+        window.steps += 1
+        for key, value in sums.items():
+            window.sums[key] = window.sums.get(key, 0) + value
+    if not logging:
+        return None
+    means = window.means(engine.accelerator)
+    tokens_per_second = means.pop("tokens_per_second")
+    micro_per_epoch = math.ceil(len(stage.train_examples) / cfg.per_device_train_batch_size)
+    return {"epoch": round(step * per_step / micro_per_epoch, 4), **means, "learning_rate": learning_rate, "grad_norm": grad_norm,
+            "tokens": state["tokens"], "tokens_per_second": tokens_per_second,
+            **({"nonfinite_skipped": state["nonfinite_skipped"]} if cfg.skip_nonfinite else {})}
+
+
+def _status(row: dict) -> str:
+    loss = "skipped" if row["loss"] is None else f"{row['loss']:.4f}"
+    return f"loss {loss}  {row['tokens_per_second']:.0f} tok/s"
+
+
+# ---------------------------------------------------------------------------------------------
+# the shell
+
+
 def _resume(cfg: TrainConfig, accelerator, model, optimizer, scheduler, output_dir: Path) -> tuple[dict, dict]:
     """(trainer state, this process's unlogged metric sums) from --resume_from_checkpoint, or fresh ones."""
     state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
@@ -345,8 +409,8 @@ def _resume(cfg: TrainConfig, accelerator, model, optimizer, scheduler, output_d
     return state, process_state
 
 
-def train(stage: Stage, cfg: TrainConfig) -> dict:
-    """Run the optimizer steps; write metrics, checkpoints and the final model to cfg.output_dir."""
+def train(stage: Stage | Iterations, cfg: TrainConfig) -> dict:
+    """Run the stage's steps; write metrics, checkpoints and the final model to cfg.output_dir. Returns the last row."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(cfg)
@@ -355,104 +419,61 @@ def train(stage: Stage, cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_config(cfg, output_dir)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
+    batch_loss = isinstance(stage, Stage)
 
     model = stage.model
-    model.train()
+    model.train(batch_loss)  # iterations (PPO) keep dropout off: sampling and training log-probs must agree
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, in_eval_mode=not batch_loss)
     optimizer = make_optimizer(model, cfg)
-    steps = total_steps(cfg, len(stage.train_examples), world)
-    scheduler = make_scheduler(optimizer, cfg, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    steps = total_steps(cfg, len(stage.train_examples), world) if batch_loss else stage.steps
+    scheduler = make_scheduler(optimizer, cfg, steps if batch_loss else stage.schedule_steps)
+    model, optimizer = sharding.prepare(accelerator, model, optimizer)  # FSDP where accelerate would not shard (CPU)
+    engine = Engine(accelerator, model, optimizer, scheduler, cfg)
 
     state, process_state = _resume(cfg, accelerator, model, optimizer, scheduler, output_dir)
     stage.state.update(state.pop("stage", {}))
     log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, state["step"], cfg.report_to, config=cfg)
-
-    per_step = cfg.gradient_accumulation_steps * world
-    stream = micro_batches(len(stage.train_examples), cfg.per_device_train_batch_size, cfg.seed, state["step"] * per_step)
-    micro_per_epoch = math.ceil(len(stage.train_examples) / cfg.per_device_train_batch_size)
-    # the metric sums of the steps since the last logged row (restored on resume, so rows match an uninterrupted run)
-    window = {"loss": torch.zeros((), device=accelerator.device)}
-    window.update({k: v.to(accelerator.device) for k, v in process_state.get("window", {}).items()})
-    window_steps, window_tokens = state.pop("window_steps", 0), state.pop("window_tokens", 0)
-    window_start = time.perf_counter()
+    window = Window({"loss": torch.zeros((), device=accelerator.device),
+                     **{k: v.to(accelerator.device) for k, v in process_state.get("window", {}).items()}},
+                    state.pop("window_steps", 0), state.pop("window_tokens", 0))
+    if batch_loss:
+        start = state["step"] * cfg.gradient_accumulation_steps * world
+        stream = micro_batches(len(stage.train_examples), cfg.per_device_train_batch_size, cfg.seed, start)
     last_row: dict = {}
 
     with progress_bar(cfg.progress and accelerator.is_main_process) as progress:
-        bar = progress.add_task("train", total=steps, completed=state["step"], status="")
+        bar = progress.add_task("train" if batch_loss else "iterations", total=steps, completed=state["step"], status="")
         while state["step"] < steps:
             step = state["step"] + 1
-            step_batches = [[stage.train_examples[i] for i in next(stream)] for _ in range(per_step)]
-            denominator = sum(stage.weight(e) for batch in step_batches for e in batch)
-            step_tokens = sum(stage.num_tokens(e) for batch in step_batches for e in batch)
-            mine = step_batches[rank::world]
-            sums = {"loss": torch.zeros((), device=accelerator.device)}
-            for index, examples in enumerate(mine):
-                batch = _to_device(stage.collate(examples), accelerator.device)
-                sync = index == len(mine) - 1
-                with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                    with forward_context(cfg, accelerator.device):
-                        loss_sum, metrics = stage.loss(model, batch)
-                    # DDP averages gradients over processes; scale so the result is the step's sum / denominator
-                    accelerator.backward(loss_sum * (world / denominator))
-                sums["loss"] += loss_sum.detach().float() / denominator
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0) + value.detach().float() / denominator
-            grad_norm, checked_norm = _grad_norm(model, cfg, accelerator)
-            step_loss = float(accelerator.reduce(sums["loss"], reduction="sum")) if world > 1 else float(sums["loss"])
-            learning_rate = scheduler.get_last_lr()[0]
-            skipped = nonfinite_step(step_loss, checked_norm, step, cfg)
-            if skipped:
-                # weights and optimizer moments stay; the batch is consumed and the schedule advances, so the
-                # data position and learning rate stay functions of the step number
-                state["nonfinite_skipped"] += 1
+            logging_step = step % cfg.logging_steps == 0 or step == steps
+            if batch_loss:
+                row = _batch_loss_row(stage, engine, stream, window, state, step, logging_step)
             else:
-                optimizer.step()
-                for key, value in sums.items():
-                    window[key] = window.get(key, 0) + value
-                window_steps += 1
-            advance_schedule(scheduler)
-            optimizer.zero_grad(set_to_none=True)
+                row = stage.iteration(step, engine)
             state["step"] = step
-            state["tokens"] += step_tokens
-            window_tokens += step_tokens
-
-            if step % cfg.logging_steps == 0 or step == steps:
-                elapsed = time.perf_counter() - window_start
-                reduced = {k: accelerator.reduce(v, reduction="sum").item() / window_steps if window_steps else None for k, v in window.items()}
-                last_row = {
-                    "step": step,
-                    "epoch": round(step * per_step / micro_per_epoch, 4),
-                    **reduced,
-                    "learning_rate": learning_rate,
-                    "grad_norm": grad_norm,
-                    "tokens": state["tokens"],
-                    "tokens_per_second": window_tokens / max(elapsed, 1e-9),
-                    **({"nonfinite_skipped": state["nonfinite_skipped"]} if cfg.skip_nonfinite else {}),
-                }
+            if logging_step:
+                last_row = {"step": step, **row}
                 log.write(last_row)
-                loss_text = "skipped" if reduced["loss"] is None else f"{reduced['loss']:.4f}"
-                progress.update(bar, status=f"loss {loss_text}  {last_row['tokens_per_second']:.0f} tok/s")
-                window = {key: torch.zeros((), device=accelerator.device) for key in window}
-                window_steps, window_tokens = 0, 0
-            if stage.eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps):
+                progress.update(bar, status=_status(last_row) if batch_loss else stage.status(last_row))
+            if batch_loss and stage.eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps):
                 eval_row = {"step": step, **evaluate(stage, accelerator, model, cfg)}
                 log.write(eval_row)
                 last_row = {**last_row, **eval_row}
             kill_point("ALIGNKIT_KILL_AT_STEP", step)
             if cfg.save_steps and step % cfg.save_steps == 0:
                 save_checkpoint(output_dir / "checkpoints" / f"step-{step}", accelerator, model, optimizer, scheduler,
-                                {**state, "stage": dict(stage.state), "window_steps": window_steps, "window_tokens": window_tokens}, cfg.save_total_limit, cfg,
-                                {"window": {k: torch.as_tensor(v).detach().cpu() for k, v in window.items()}})
-            if window_tokens == 0:
-                window_start = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
+                                {**state, "stage": dict(stage.state), "window_steps": window.steps, "window_tokens": window.tokens},
+                                cfg.save_total_limit, cfg, {"window": {k: torch.as_tensor(v).detach().cpu() for k, v in window.sums.items()}})
+            if window.tokens == 0:
+                window.start = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
             progress.update(bar, completed=step)
 
     log.close()
     accelerator.wait_for_everyone()
+    final = sharding.final_model(accelerator, model)  # under FSDP every process takes part in gathering the weights
     if accelerator.is_main_process:
-        save_final_model(lambda folder: stage.save(accelerator.unwrap_model(model), folder), output_dir)
+        save_final_model(lambda folder: stage.save(final, folder), output_dir)
     accelerator.wait_for_everyone()
     return last_row

@@ -21,6 +21,9 @@ sampler's), and — read by a forward hook on the LM head at each decoding step 
 attention mask, position ids and temperature: the training forward. The two paths compute the same
 functions of the same weights and differ only by float rounding (the KV-cache decode multiplies in
 another order), ~1e-6 on CPU in float32, so before any update the PPO ratio π/π_old is 1 up to that.
+
+`ActorCritic` is the module PPO trains (policy, value head or critic); its `forward` is the training
+forward of a minibatch, the call that accelerate's DDP wrapper syncs gradients for.
 """
 
 from __future__ import annotations
@@ -204,3 +207,28 @@ def critic_values(critic, episodes: Episodes, row_tokens: int = 0) -> torch.Tens
     hidden = _state_hidden(getattr(base, base.base_model_prefix), base, episodes, row_tokens)
     values = base.score(hidden).squeeze(-1).float()
     return values * episodes.response_mask.to(values.device).float()
+
+
+class ActorCritic(torch.nn.Module):
+    """The policy LM plus either a scalar value head on its last hidden state or a separate critic
+    (`rewards.RewardModel`); neither for rloo/grpo."""
+
+    def __init__(self, lm, value_head: torch.nn.Linear | None, critic=None):
+        super().__init__()
+        self.lm, self.value_head, self.critic = lm, value_head, critic
+
+    def forward(self, episodes: Episodes, temperature: float, row_tokens: int, values: torch.Tensor | None = None,
+                ptx_batch: dict | None = None) -> tuple[PolicyOutputs, torch.Tensor | None]:
+        """The training forward of a minibatch: (log π(a_t|s_t) and V(s_t) of its episodes, the summed LM loss of
+        `ptx_batch` or None). `values`: V(s_t) already computed with its graph (the critic's rollout pass), used
+        instead of a critic forward. Under DDP every process calls this once per optimizer step, so the gradients
+        of everything it touches are all-reduced in the backward."""
+        out = policy_forward(self.lm, episodes, temperature, self.value_head, row_tokens=row_tokens)
+        if self.critic is not None:
+            out.values = values if values is not None else critic_values(self.critic, episodes, row_tokens)
+        ptx_sum = None
+        if ptx_batch is not None:
+            from alignkit.train.sft import sft_loss
+
+            ptx_sum, _ = sft_loss(self.lm, ptx_batch)
+        return out, ptx_sum
