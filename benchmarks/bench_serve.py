@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`alignkit serve` against llama.cpp's server, side by side: streaming chat clients with mixed sampling settings.
 
-    python benchmarks/bench_serve.py [--concurrency 1,4,16,64] [--max_tokens 32] [--threads 2] [--dtype bfloat16]
+    python benchmarks/bench_serve.py [--concurrency 1,4,16,64] [--max_tokens 32] [--threads 2] [--dtype float32]
                                      [--servers alignkit,llama] [--budget_s 900]
 
 Both servers run as their own processes on loopback with the same number of threads: alignkit's (this script
@@ -222,7 +222,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--max_tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of alignkit's server = llama.cpp's --n_threads")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="alignkit's weights")
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
+                        help="alignkit's weights (bf16 decoded 3x slower than fp32 on the project's CPU: docs/serving.md)")
     parser.add_argument("--servers", default="alignkit,llama")
     parser.add_argument("--llama_python", default=LLAMA_PYTHON, help="python of the venv with llama-cpp-python[server]")
     parser.add_argument("--budget_s", type=float, default=900, help="start no new level after this many seconds")
