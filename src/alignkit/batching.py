@@ -144,7 +144,8 @@ class Engine:
         self._ids = itertools.count(1)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.running_rows = 0
+        self._rows: list[Choice] = []  # the running batch's rows (the engine thread replaces the list, never edits it)
+        self._admitting = 0  # rows of jobs taken from the queue and not yet in `_rows`
         # prefill_tokens: prompt tokens computed; prefix_hit_tokens: prompt tokens taken from the prefix cache
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "batches": 0, "cancelled": 0, "max_rows": 0,
                       "prefill_tokens": 0, "prefix_hit_tokens": 0}
@@ -176,6 +177,12 @@ class Engine:
             self.stats["requests"] += 1
             self._cond.notify_all()
         return job
+
+    @property
+    def running_rows(self) -> int:
+        """Rows being decoded or about to be: a row counts until it is done, so a client that has its answer
+        never sees its row still counted."""
+        return self._admitting + sum(not row.done for row in self._rows)
 
     @property
     def waiting(self) -> int:
@@ -235,7 +242,7 @@ class Engine:
                     if self._stopping:
                         break
                     jobs = self._take(self.max_batch_rows - len(rows))
-                    self.running_rows = len(rows) + sum(job.request.n for job in jobs)  # never 0 while a taken job waits for its rows
+                    self._admitting = sum(job.request.n for job in jobs)
                 try:
                     if jobs:
                         rows = self._drop_done(batch, self._admit(batch, rows, jobs))
@@ -248,7 +255,7 @@ class Engine:
                     for job in {id(job): job for job in failed}.values():
                         job.emit(Failed(f"{type(error).__name__}: {error}"))
                     batch, rows = DecodeBatch(self.model, _pad_id(self.tokenizer), self.prefix_cache), []
-                self.running_rows = len(rows)
+                self._rows, self._admitting = rows, 0
                 self._sync_stats(batch)
 
     def _admit(self, batch: DecodeBatch, rows: list[Choice], jobs: list[Job]) -> list[Choice]:
@@ -259,6 +266,7 @@ class Engine:
         first = batch.add([row.job.request.prompt_ids for row in new], RowSampling.build(params, len(new), batch.device))
         self.stats["batches"] += rows == []
         rows = rows + new
+        self._rows, self._admitting = rows, 0  # visible before any of them can finish
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         self._feed(new, first.tolist())
         return rows
