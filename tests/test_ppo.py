@@ -416,9 +416,11 @@ def test_reward_model_as_reward_and_critic(setup, tmp_path):
     load_tokenizer(str(setup / "model")).save_pretrained(tmp_path / "rm")
     scorer = RewardModelScorer(str(tmp_path / "rm"))
     tok = scorer.tokenizer
-    got = scorer(["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"] * 2, ["Hello there", "Bye"], finished=[True, False])
-    ids = [tok("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello there" + tok.eos_token, add_special_tokens=False)["input_ids"],
-           tok("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nBye", add_special_tokens=False)["input_ids"]]
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    got = scorer([prompt] * 2, ["Hello there", "Bye"], finished=[True, False])
+    # as the reward model was trained: the prompt, then the assistant turn closed by the template (finished or not)
+    ids = [tok(prompt, add_special_tokens=False)["input_ids"] + tok(r + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+           for r in ("Hello there", "Bye")]
     assert got == pytest.approx(score_sequences(rm, ids, tok.pad_token_id), abs=1e-5) and got[0] != got[1]
     rows = train(setup, "unused", output_dir=str(tmp_path / "out"), reward_model=str(tmp_path / "rm"), reward_fn=f"{setup / 'reward.py'}:words",
                  reward_weights="1,0.5", critic_model=str(tmp_path / "rm"), max_steps=2, rollout_batch_size=4, max_new_tokens=4, num_ppo_epochs=1)

@@ -112,6 +112,35 @@ def test_resume_refuses_other_settings_naming_them_and_latest_without_checkpoint
         prepare_output_dir(SFTConfig(**{**same.__dict__, "learning_rate": 5e-3}))
 
 
+def test_resume_refuses_a_dataset_whose_contents_changed(tiny_model_dir, data_file, tmp_path):
+    """Same --dataset path, one row edited to the same size (size and mtime alone could miss it): refused,
+    naming the dataset; the untouched file resumes. A data set's bytes are hashed once per run."""
+    from alignkit.train import checkpoint
+
+    data, out = tmp_path / "train.jsonl", str(tmp_path / "out")
+    shutil.copy(data_file, data)
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset=str(data), output_dir=out, max_steps=2, per_device_train_batch_size=4,
+                    max_length=128, learning_rate=1e-3, logging_steps=1, progress=False)
+    run_sft(**{**settings, "save_steps": 1})
+    resume = SFTConfig(**settings, resume_from_checkpoint="latest")
+    assert prepare_output_dir(resume).name == "step-2"
+    lines = data.read_text().splitlines(keepends=True)
+    row = json.loads(lines[1])
+    row["completion"] = row["completion"][::-1] if row["completion"][::-1] != row["completion"] else row["completion"].swapcase()
+    edited = json.dumps(row) + "\n"
+    assert len(edited) == len(lines[1]) and edited != lines[1]
+    stat = data.stat()
+    data.write_text("".join([lines[0], edited, *lines[2:]]))
+    import os
+
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same size and mtime: only the bytes tell
+    checkpoint._hashed.clear()  # a new process would not have the old digest cached
+    with pytest.raises(ValueError, match=r"dataset contents: was 'sha256:[0-9a-f]{16}', now 'sha256:[0-9a-f]{16}'"):
+        prepare_output_dir(resume)
+    assert checkpoint.data_contents("builtin:comparison:20") == "builtin"
+    assert checkpoint.data_contents("no-such-org/no-such-set") == "revision: not in the local hub cache"
+
+
 def test_save_total_limit_and_weights_only(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "out"
     run_sft(model_name_or_path=str(tiny_model_dir), dataset=str(data_file), output_dir=str(out), max_steps=3, save_steps=1, save_total_limit=1,
@@ -234,3 +263,110 @@ def test_ppo_nonfinite_update_stops_or_is_skipped_and_counted(tiny_model_dir, tm
     assert [r["nonfinite_skipped"] for r in rows] == [2, 2]  # 4 responses / minibatches of 2, one epoch
     before, after = load_file(str(Path(tiny_model_dir) / "model.safetensors")), load_file(str(tmp_path / "skip" / "model.safetensors"))
     assert all(torch.equal(before[name], after[name]) for name in before if name in after)
+
+
+def test_reward_normalization_failing_mid_write_leaves_the_model_intact(tiny_model_dir, tmp_path, monkeypatch):
+    """`rm --normalize_dataset` re-saves the model (config.json; the weights too when the head has a bias): a
+    write that dies halfway (the file torn, then an error) leaves the trained model byte for byte; without
+    the failure the same call writes the normalization."""
+    import transformers.modeling_utils
+    from transformers import PretrainedConfig
+
+    from alignkit.config import RMConfig
+    from alignkit.models import load_tokenizer
+    from alignkit.train import rm
+
+    cfg = RMConfig(model_name_or_path=str(tiny_model_dir), dataset="builtin_pref:comparison:8", output_dir=str(tmp_path / "rm"), max_steps=1,
+                   per_device_train_batch_size=4, logging_steps=1, progress=False, normalize_dataset="builtin_pref:comparison:8")
+    rm.run_rm(RMConfig(**{**cfg.__dict__, "normalize_dataset": ""}))
+    out = Path(cfg.output_dir)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def torn(path, *args, **kwargs):
+        Path(path).write_bytes(b"{\"torn")  # a kill halfway through the write
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", lambda tensors, filename, **kw: torn(filename))
+    monkeypatch.setattr(PretrainedConfig, "to_json_file", lambda self, path, **kw: torn(path))
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        rm.normalize(cfg, load_tokenizer(cfg.output_dir))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before and not list(out.glob(".tmp-*"))
+    monkeypatch.undo()
+    result = rm.normalize(cfg, load_tokenizer(cfg.output_dir))
+    config = json.loads((out / "config.json").read_text())
+    assert config["reward_mean"] == result["normalize_mean"] and config["reward_offset"] == -result["normalize_mean"]
+    assert json.loads((out / "reward_normalization.json").read_text())["mean"] == result["normalize_mean"] and not list(out.glob(".tmp-*"))
+
+
+def test_chat_transcripts_are_written_whole_or_not_at_all(tmp_path):
+    """A save that fails mid-write (a lone surrogate cannot be encoded: the error comes while writing) leaves
+    the previous transcript byte for byte (a plain write_text truncated it first); .jsonl appends keep
+    earlier rows, and a row after a torn last line (no newline) starts on its own line."""
+    from alignkit.chat.terminal import save_conversation
+
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    broken = [*talk, {"role": "user", "content": "x\ud800"}, {"role": "assistant", "content": "y"}]
+    for name in ("talk.json", "talk.jsonl"):
+        path = tmp_path / name
+        save_conversation(talk, str(path))
+        saved = path.read_bytes()
+        with pytest.raises(UnicodeEncodeError):
+            save_conversation(broken, str(path))
+        assert path.read_bytes() == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["talk.json", "talk.jsonl"]
+    path = tmp_path / "talk.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"messages": [')  # torn by an older writer
+    save_conversation(talk, str(path))
+    lines = path.read_text().splitlines()
+    assert lines[0] == lines[2] == json.dumps({"messages": talk}) and lines[1] == '{"messages": ['
+
+
+def test_hub_ids_fail_at_once_when_the_hub_is_unreachable(monkeypatch, request, tmp_path):
+    """No HF_HUB_OFFLINE, and the hub's endpoint refuses connections: a hub model id, a hub data set and a
+    LoRA adapter whose base is a hub id are refused at once, naming the id and the reason. Measured on a
+    machine without network before the fix: the data set took 43 s (huggingface_hub retries 5 times with
+    back-off); after: one probe of the endpoint (< 1 s on a quiet machine), then 0.00 s each. The 10 s bound
+    guards against the retries coming back, not speed."""
+    import time
+
+    import datasets
+    import peft  # noqa: F401  (imports are slow on a loaded machine: not what the bound is about)
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    from alignkit import models
+    from alignkit.data.formats import DataError, read_rows
+
+    endpoint = "http://127.0.0.1:9"  # the discard port: nothing listens, so a connection is refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+    models.hub_unavailable.cache_clear()
+    request.addfinalizer(models.hub_unavailable.cache_clear)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "some-org/some-base", "peft_type": "LORA"}))
+    calls = [
+        (lambda: models.load_causal_lm("some-org/some-model"), FileNotFoundError, "'some-org/some-model'"),
+        (lambda: read_rows("some-org/some-dataset", "train"), DataError, "some-org/some-dataset"),
+        (lambda: models.merge_adapter(str(adapter), str(tmp_path / "merged")), FileNotFoundError, "'some-org/some-base'"),
+    ]
+    for call, error, name in calls:
+        start = time.monotonic()
+        with pytest.raises(error, match=re.escape(name) + r".*the hub cannot be used \(" + re.escape(endpoint) + " did not answer"):
+            call()
+        assert time.monotonic() - start < 10
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored after the data set
+
+
+def test_fresh_lora_adapters_follow_the_seed(tiny_model_dir, data_file, tmp_path):
+    """A fresh LoRA adapter is random: it must be drawn after --seed is applied, so the same command gives the same
+    run whatever the process did before (here: the global RNG is moved between the two runs)."""
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset=str(data_file), max_steps=1, use_peft=True, learning_rate=1e-3)
+    first = run_sft(output_dir=str(tmp_path / "a"), **settings)
+    torch.manual_seed(12345)
+    torch.rand(1000)
+    second = run_sft(output_dir=str(tmp_path / "b"), **settings)
+    assert first[0]["loss"] == second[0]["loss"] and first[0]["grad_norm"] == second[0]["grad_norm"]

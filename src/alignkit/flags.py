@@ -53,6 +53,10 @@ def command_from(cls: type, run: Callable, help: str | None = None) -> Callable:
     """A typer command function with one option per field of `cls`; it calls `run(load_config(cls, ...))`."""
     hints = typing.get_type_hints(cls)
     params = []
+    positional = [f for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+    for f in positional:  # `alignkit serve MODEL`: the same field as --model_name_or_path, given without its flag
+        argument = typer.Argument(None, metavar=f.metadata["positional"], help=f"same as --{f.name}", show_default=False)
+        params.append(_param(f"positional__{f.name}", Optional[str], argument))
     for f in dataclasses.fields(cls):
         kind, _ = _kind(hints[f.name])
         aliases = list(f.metadata.get("aliases", ()))
@@ -78,6 +82,12 @@ def command_from(cls: type, run: Callable, help: str | None = None) -> Callable:
         configure_logging(kwargs.pop("verbose"))
         config_file = kwargs.pop("config")
         try:
+            for f in positional:
+                given = kwargs.pop(f"positional__{f.name}")
+                if given is not None and kwargs.get(f.name) not in (None, given):
+                    raise ValueError(f"{f.metadata['positional']} {given} and --{f.name} {kwargs[f.name]} both name the {f.name}: give one")
+                if given is not None:
+                    kwargs[f.name] = given
             for switch, (f, value) in switches.items():
                 if kwargs.pop(f"switch__{switch}"):
                     if kwargs.get(f.name) not in (None, value):

@@ -169,8 +169,9 @@ def load_tokenizer(name_or_path: str):
     """Tokenizer with a pad token (eos when the model has none: masks, not the pad id, mark padding)."""
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(name_or_path)  # its own message is already the whole story
     with _explained(name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -185,8 +186,6 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | str = torch.float32):
         dtype = getattr(torch, dtype)
     path = resolve_model_path(name_or_path)
     if os.path.exists(os.path.join(path, "adapter_config.json")):
-        from peft import PeftModel
-
         # the base named in the adapter's config goes through resolve_model_path too (offline, built-in names)
         base_name = json.loads(Path(path, "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base_name:
@@ -196,6 +195,8 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | str = torch.float32):
             vocab = len(load_tokenizer(path))
             if vocab > base.get_input_embeddings().weight.shape[0]:
                 base.resize_token_embeddings(vocab)
+        from peft import PeftModel  # imported after the base resolved: a missing base fails without the wait
+
         return PeftModel.from_pretrained(base, path, is_trainable=True)
     with _explained(name_or_path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

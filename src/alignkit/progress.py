@@ -16,14 +16,17 @@ log = logging.getLogger("alignkit")
 
 
 def progress_bar(enabled: bool):
-    """A rich progress bar (description, bar, done/total, a `status` field, time left); draws nothing when disabled.
+    """A rich progress bar (description, bar, done/total, a `status` field, time left) on stderr; draws nothing
+    when disabled. On stderr because stdout carries a command's result: rich prints a bar's last frame even when
+    the stream is not a terminal, which would put it before the JSON line of `alignkit sft ... > result.json`.
 
     Use: `with progress_bar(show) as bar: task = bar.add_task("name", total=n, status=""); bar.update(task, advance=k)`."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled,
+        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled, console=Console(stderr=True),
     )
 
 

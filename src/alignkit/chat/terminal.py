@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignkit import atomic
 from alignkit.batching import Delta, Engine, Failed, Finished, Request
 from alignkit.chat.history import FittedPrompt, SummaryCache, fit_history, model_summarizer
 from alignkit.data.tokenize import Formatting
@@ -58,10 +59,14 @@ def save_conversation(messages: list[dict], path: str) -> str:
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.suffix == ".jsonl":
-        with open(target, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        # appended by rewriting the file under a temporary name and renaming it (alignkit.atomic): a plain
+        # append of a long row can be cut short by a kill, leaving a torn last line in the user's data
+        before = target.read_bytes() if target.exists() else b""
+        with atomic.atomic_path(target) as tmp:
+            row = json.dumps({"messages": messages}, ensure_ascii=False) + "\n"
+            tmp.write_bytes(before + (b"\n" if before and not before.endswith(b"\n") else b"") + row.encode("utf-8"))
         return f"appended the conversation ({len(messages)} messages) to {target}"
-    target.write_text(json.dumps({"messages": messages}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    atomic.write_text(target, json.dumps({"messages": messages}, ensure_ascii=False, indent=2) + "\n")
     return f"saved the conversation ({len(messages)} messages) to {target}"
 
 

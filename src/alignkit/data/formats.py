@@ -264,11 +264,21 @@ def _read_hub(dataset_id: str, split: str) -> list[Row]:
     """A hub data set, `ID` or `ID:CONFIG` (e.g. `nyu-mll/glue:sst2`; hub ids never contain a colon)."""
     import datasets
 
+    from huggingface_hub import constants
+
+    from alignkit.models import hub_unavailable
+
     name, _, config = dataset_id.partition(":")
+    why = hub_unavailable()  # unreachable: read the local cache only, as HF_HUB_OFFLINE does, not ~40 s of retries
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = saved[0] or why is not None
     try:
         loaded = datasets.load_dataset(name, config or None, split=split)
     except Exception as error:  # offline, unknown id, gated: all end here with the cause
-        raise DataError(dataset_id, f"not a file or directory, and loading it from the hub failed: {error}") from None
+        cause = f"; the hub cannot be used ({why})" if why else ""
+        raise DataError(dataset_id, f"not a file or directory, and loading it from the hub failed: {error}{cause}") from None
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
     return [Row(r, f"{dataset_id} ({split}) row {i + 1}") for i, r in enumerate(loaded)]
 
 

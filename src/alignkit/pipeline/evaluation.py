@@ -8,10 +8,10 @@ harmful probes; and the gold score of sampled answers at each of eval.temperatur
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from alignkit import atomic
 from alignkit.pipeline.recipe import Recipe
 from alignkit.pipeline.stages import format_prompts, model_path, read_rows, write_rows
 
@@ -94,5 +94,5 @@ def stage_eval(recipe: Recipe, run: Path, resume: bool) -> dict:
     write_rows([{"prompt": p, "reference": r, **{name: answers[name][i] for name in answers}} for i, (p, r) in enumerate(zip(prompts, references))],
                out / "answers.jsonl")
     payload = {"models": table, "temperatures": temperature_scores, "n": len(prompts), "hhh_probes": len(probes)}
-    (out / "eval.json").write_text(json.dumps(payload, indent=1))
+    atomic.write_json(out / "eval.json", payload)
     return {f"{name}/{key}": value for name, row in table.items() for key, value in row.items() if isinstance(value, (int, float))}

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from alignkit import atomic
 from alignkit.pipeline.recipe import STAGES, Recipe
 
 LOSS_KEYS = {"sft": ("loss", "eval_loss"), "rm": ("loss", "eval_loss"), "dpo": ("loss", "eval_loss"), "ppo": ("policy_loss", "value_loss")}
@@ -38,6 +39,11 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
 
 
+def _savefig(fig, path: Path) -> None:
+    with atomic.atomic_path(path) as tmp:  # a temporary name, then renamed: a failed run keeps the previous plot
+        fig.savefig(tmp, dpi=100, format="png")
+
+
 def plot_losses(run: Path, out: Path) -> str | None:
     stages = [s for s in LOSS_KEYS if metrics(run, s)]
     if not stages:
@@ -51,7 +57,7 @@ def plot_losses(run: Path, out: Path) -> str | None:
                 ax.plot(x, y, marker="o" if len(x) < 25 else None, markersize=3, label=key)
         ax.set_title(stage), ax.set_xlabel("iteration" if stage == "ppo" else "step"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "losses.png", dpi=100)
+    _savefig(fig, out / "losses.png")
     plt.close(fig)
     return "losses.png"
 
@@ -70,7 +76,7 @@ def plot_ppo(rows: list[dict], out: Path) -> list[str]:
     ax_kl.plot(x, y, marker="o", markersize=3, color="tab:red")
     ax_kl.set_xlabel("iteration"), ax_kl.set_ylabel("KL to SFT per response (nats)"), ax_kl.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "ppo.png", dpi=100)
+    _savefig(fig, out / "ppo.png")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     root_kl = [math.sqrt(max(r["kl"], 0.0)) for r in rows]
@@ -79,7 +85,7 @@ def plot_ppo(rows: list[dict], out: Path) -> list[str]:
         ax.plot(root_kl, [r["gold_score"] for r in rows], "s-", markersize=3, label="gold (judge)")
     ax.set_xlabel("√KL(π ‖ π_SFT)"), ax.set_ylabel("score"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "gold_vs_proxy.png", dpi=100)
+    _savefig(fig, out / "gold_vs_proxy.png")
     plt.close(fig)
     return ["ppo.png", "gold_vs_proxy.png"]
 
@@ -97,7 +103,7 @@ def plot_dpo(rows: list[dict], out: Path) -> str | None:
         ax.plot(x, y, "s", markersize=6, label=f"held-out {label}")
     ax.set_xlabel("step"), ax.set_ylabel("implicit reward β·log π/π_ref"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "dpo.png", dpi=100)
+    _savefig(fig, out / "dpo.png")
     plt.close(fig)
     return "dpo.png"
 
@@ -111,7 +117,7 @@ def plot_temperatures(temperatures: dict, out: Path) -> str | None:
         ax.plot([float(t) for t in by_t], list(by_t.values()), "o-", label=name)
     ax.set_xlabel("sampling temperature"), ax.set_ylabel("gold score"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "temperature.png", dpi=100)
+    _savefig(fig, out / "temperature.png")
     plt.close(fig)
     return "temperature.png"
 
@@ -177,6 +183,7 @@ def stage_report(recipe: Recipe, run: Path, resume: bool) -> dict:
         "dpo": {"train_margin": dpo_train[-1]["rewards/margins"] if dpo_train else None, "train_accuracy": dpo_train[-1]["rewards/accuracies"] if dpo_train else None,
                 "heldout_margin": dpo_eval[-1]["eval_rewards/margins"] if dpo_eval else None,
                 "heldout_accuracy": dpo_eval[-1]["eval_rewards/accuracies"] if dpo_eval else None},
+        "data": (records.get("data") or {}).get("result"),
         "eval": evaluation.get("models", {}), "temperatures": evaluation.get("temperatures", {}), "claims": tested,
     }
     write_json_atomic(run / "report.json", summary)
@@ -201,8 +208,16 @@ def markdown(recipe: Recipe, run: Path, summary: dict, figures: list[str]) -> st
         lines += ["## DPO against PPO: the notes' claims, tested on this run", "", "| claim | verdict | this run's numbers |", "|---|---|---|"]
         lines += [f"| {c['claim']} | {_verdict(c['confirmed'])} | {c['numbers']} |" for c in summary["claims"]]
         lines.append("")
-    rm, dpo, ppo = summary["rm"], summary["dpo"], summary["ppo"]
+    rm, dpo, ppo, data = summary["rm"], summary["dpo"], summary["ppo"], summary.get("data") or {}
     lines += ["## Stages", ""]
+    if data.get("accepted_instructions") is not None:
+        reasons = ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in data.items() if k.startswith("rejected/"))
+        lines.append(f"- Self-Instruct: accepted {data['accepted_instructions']} of {data['candidate_instructions']} candidate instructions "
+                     f"in {data['rounds']} rounds (rejected {data['rejected_instructions']}: {reasons or 'none'}); {data['sft_rows']} SFT rows, "
+                     f"{data['prompts']} held out")
+    if table.get("base", {}).get("rouge_l") is not None and table.get("sft", {}).get("rouge_l") is not None:
+        lines.append(f"- ROUGE-L against the references of the {table['sft']['n']} eval prompts: base {table['base']['rouge_l']:.3f} → "
+                     f"SFT {table['sft']['rouge_l']:.3f}")
     if rm["heldout_accuracy"] is not None:
         lines.append(f"- reward model: accuracy on held-out comparisons {rm['heldout_accuracy']:.3f}; normalized on the SFT model's "
                      f"responses (mean {rm['normalization']['mean']:.3f} → 0)" if rm["normalization"] else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import typer
@@ -26,8 +27,9 @@ def run_chat_command(cfg: ChatConfig) -> None:
     from alignkit.chat.terminal import ChatSettings, run_chat
     from alignkit.data.tokenize import Formatting
     from alignkit.batching import Engine
+    from alignkit.pipeline.stage_models import resolve_model
 
-    model, tokenizer = _load(cfg.model_name_or_path, cfg.device)
+    model, tokenizer = _load(resolve_model(cfg.model_name_or_path), cfg.device)
     context = cfg.context_length or int(getattr(model.config, "max_position_embeddings", 2048))
     if cfg.max_new_tokens >= context:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for the prompt in the context of {context} tokens")
@@ -45,8 +47,10 @@ def run_chat_command(cfg: ChatConfig) -> None:
 def run_serve(cfg: ServeConfig) -> None:
     import uvicorn
 
+    from alignkit.pipeline.stage_models import resolve_model
     from alignkit.serve.app import bind_socket, config_dict, create_app, load_state
 
+    cfg = dataclasses.replace(cfg, model_name_or_path=resolve_model(cfg.model_name_or_path))  # RUN/ppo: that stage's model
     try:
         sock = bind_socket(cfg.host, cfg.port)  # a taken port fails here, with its own message, before the model loads
     except OSError as error:

@@ -57,9 +57,55 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def fingerprint_fields(cfg) -> dict:
     """The settings that change the math (model, data, seeds, optimizer, batch sizes, loss settings, ...):
-    every config field except NOT_IN_FINGERPRINT, plus the stage (the config's class)."""
+    every config field except NOT_IN_FINGERPRINT, plus the stage (the config's class), plus what each
+    training data set holds (`dataset contents`: see data_contents), since the same path can hold other rows."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_IN_FINGERPRINT}
+    for name in DATA_FIELDS:
+        if fields.get(name):
+            fields[f"{name} contents"] = data_contents(fields[name])
     return {"stage": type(cfg).__name__, **fields}
+
+
+DATA_FIELDS = ("dataset", "ptx_dataset")  # the training data; eval data does not change the weights
+_hashed: dict[tuple, str] = {}  # (path, size, mtime) -> digest: a run hashes each file once, not at every checkpoint
+
+
+def data_contents(source: str) -> str:
+    """What a data source holds, beyond its name: a file's SHA-256 (streamed in 1 MiB chunks: a changed row
+    can keep the size, and mtime says nothing about the bytes); a directory's over its files' relative paths
+    and bytes; a hub id's revision in the local hub cache (no network); `builtin:` tasks are code, so their
+    name and split (already settings) say everything."""
+    if source.startswith(("builtin:", "builtin_pref:")):
+        return "builtin"
+    path = Path(source)
+    if path.is_file():
+        return "sha256:" + _file_digest(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{_file_digest(file)}\0".encode())
+        return "sha256:" + digest.hexdigest()[:16]
+    return _hub_revision(source)
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _hashed:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+        _hashed[key] = digest.hexdigest()[:16]
+    return _hashed[key]
+
+
+def _hub_revision(dataset_id: str) -> str:
+    """The commit the local hub cache last resolved `main` to for `ID[:CONFIG]` (what `datasets` loads from)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    ref = Path(HF_HUB_CACHE, "datasets--" + dataset_id.partition(":")[0].replace("/", "--"), "refs", "main")
+    return f"revision:{ref.read_text().strip()}" if ref.is_file() else "revision: not in the local hub cache"
 
 
 def fingerprint(fields: dict) -> str:
@@ -78,6 +124,8 @@ def check_fingerprint(checkpoint: Path, cfg) -> None:
         logger.warning("%s has no config fingerprint (written by an older alignkit): resuming without checking its settings", checkpoint)
         return
     current = fingerprint_fields(cfg)
+    # a checkpoint written before data contents were fingerprinted is checked on its settings alone
+    current = {k: v for k, v in current.items() if k in saved or not k.endswith(" contents")}
     if state.get("fingerprint") != fingerprint(current):
         changed = differences(saved, current) or ["(settings this version does not know)"]
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: written by a run with other settings: {'; '.join(changed)}. "

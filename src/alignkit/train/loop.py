@@ -35,6 +35,7 @@ from alignkit.train.checkpoint import (  # noqa: F401  (find_checkpoint, trainab
     trainable_state,
 )
 from alignkit.precision import autocast, resolve_mixed_precision
+from alignkit.progress import progress_bar
 from alignkit.train import sharding
 from alignkit.train.metrics import MetricsLog  # noqa: F401  (benchmarks time steps by wrapping MetricsLog.write)
 
@@ -98,6 +99,9 @@ def load_datasets(cfg: TrainConfig, build: Callable[[str, str, str, dict], list]
     eval_examples = build(cfg.eval_dataset, eval_split, "eval", report) if cfg.eval_dataset else None
     if not train_examples:
         raise ValueError(f"{cfg.dataset}: no usable {what} left (see the counts above)")
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the trainer builds its model next: fresh LoRA adapters and heads are random, and must follow --seed
     return train_examples, eval_examples, report
 
 
@@ -244,15 +248,6 @@ def check_engine_flags(cfg: TrainConfig) -> None:
             import wandb  # noqa: F401
         except ImportError:
             raise ValueError("--report_to wandb needs the wandb package (pip install wandb); --report_to tensorboard works offline") from None
-
-
-def progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +400,6 @@ def _resume(cfg: TrainConfig, accelerator, model, optimizer, scheduler, output_d
     if accelerator.is_main_process:
         drop_later_checkpoints(output_dir, state["step"])
     logger.info("resumed from %s at step %d", checkpoint, state["step"])
-    accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
     return state, process_state
 
 

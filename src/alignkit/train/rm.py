@@ -178,9 +178,34 @@ def normalize(cfg: RMConfig, tokenizer) -> dict:
         scores = score_sequences(rm, sequences, tokenizer.pad_token_id, cfg.per_device_eval_batch_size)
     rewards = torch.tensor(scores, dtype=torch.float64)
     mean, std = rewards.mean().item(), rewards.std().item() if len(rewards) > 1 else 0.0
-    write_normalization(cfg.output_dir, mean, std, cfg.normalize_dataset)
+    publish_normalization(Path(cfg.output_dir), mean, std, cfg.normalize_dataset)
     logger.info(f"normalized on {len(sequences)} responses of {cfg.normalize_dataset}: mean {mean:.4f} -> 0 (std {std:.4f})")
     return {"normalize_mean": mean, "normalize_std": std}
+
+
+def publish_normalization(output_dir: Path, mean: float, std: float, source: str) -> None:
+    """write_normalization re-saves the model (its config; its weights when the head has a bias). It writes
+    into a copy of those files, which then replace the originals one rename at a time, weights first, so a
+    failure or a kill leaves every file whole: the old model, or the normalized one (a kill between two
+    renames: normalized weights beside the old config, which only describes the normalization). The
+    staging folder is named like the loop's final-model save, so a leftover is removed on resume."""
+    import shutil
+
+    staging = output_dir / f".tmp-model-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        for path in output_dir.iterdir():
+            if path.name == "config.json" or (path.name.startswith("model") and ".safetensors" in path.name):
+                shutil.copy2(path, staging / path.name)
+        write_normalization(staging, mean, std, source)
+        written = sorted(staging.iterdir(), key=lambda path: (path.suffix == ".json", path.name))  # weights, then metadata
+        for path in written:
+            with open(path, "rb") as handle:  # on disk before the rename, as atomic.atomic_path does
+                os.fsync(handle.fileno())
+            os.replace(path, output_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def add_reward_std(row: dict) -> dict:
