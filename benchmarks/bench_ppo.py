@@ -119,7 +119,7 @@ def worker_alignkit(job: dict, value_head: bool, padded: bool) -> dict:
         num_ppo_epochs=job["epochs"], max_new_tokens=job["response_length"], temperature=1.0, learning_rate=job["lr"],
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, kl_coef=0.05, kl_estimator="k1", cliprange=0.2,
         cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, seed=42, logging_steps=1, progress=False, use_chat_template="yes",
-        shared_prefix_tokens=0 if padded else -1,
+        shared_prefix_tokens=0 if padded else -1, mixed_precision="bf16" if job.get("bf16") else "no",
     ))
     rows = [json.loads(line) for line in Path(job["out"], "metrics.jsonl").read_text().splitlines()]
     generated = [r["response_length"] * job["batch"] for r in rows]
@@ -135,13 +135,13 @@ def worker_trl(job: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from alignkit.config import PPOConfig as AlignkitConfig
     from alignkit.models import load_tokenizer
     from alignkit.data.prompts import load_prompts
+    from alignkit.data.tokenize import Formatting
 
     tokenizer = load_tokenizer(job["model"])  # alignkit's tokenizer rules (pad = eos where there is no pad)
     tokenizer.padding_side = "left"
-    prompts = load_prompts(job["data"], "train", tokenizer, AlignkitConfig(use_chat_template="yes"))
+    prompts = load_prompts(job["data"], "train", tokenizer, Formatting(use_chat_template="yes"))
     dataset = Dataset.from_list([{"input_ids": p.ids} for p in prompts])  # the very tokens alignkit samples from
     rm = str(reward_model_dir(job["model"]))
     policy = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
@@ -190,7 +190,7 @@ def worker_trl(job: dict) -> dict:
         response_length=job["response_length"], stop_token="eos", temperature=1.0, learning_rate=job["lr"],
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, kl_coef=0.05, kl_estimator="k1", cliprange=0.2,
         cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, whiten_rewards=False, missing_eos_penalty=None,
-        num_sample_generations=0, seed=42, gradient_checkpointing=False, bf16=False, use_cpu=True, report_to=[],
+        num_sample_generations=0, seed=42, gradient_checkpointing=False, bf16=bool(job.get("bf16")), use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1, disable_tqdm=True,
     )
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
@@ -294,6 +294,7 @@ def measure_old_policy_pass(model_name: str = "smollm2-135m-instruct", batch: in
 
     from alignkit.config import PPOConfig
     from alignkit.data.prompts import load_prompts
+    from alignkit.data.tokenize import Formatting
     from alignkit.generation import SamplingParams
     from alignkit.models import load_causal_lm, load_tokenizer
     from alignkit.rl.rollout import rollout
@@ -301,7 +302,7 @@ def measure_old_policy_pass(model_name: str = "smollm2-135m-instruct", batch: in
 
     tokenizer, lm = load_tokenizer(model_name), load_causal_lm(model_name).eval()
     cfg = PPOConfig(use_chat_template="yes", mini_batch_size=batch, temperature=1.0)
-    ids = [p.ids for p in load_prompts(str(PROMPTS), "train", tokenizer, cfg)[:batch]]
+    ids = [p.ids for p in load_prompts(str(PROMPTS), "train", tokenizer, Formatting(use_chat_template="yes"))[:batch]]
     head = torch.nn.Linear(lm.config.hidden_size, 1)
     params = SamplingParams(response_length, 1.0, seed=0)
     times = defaultdict(list)

@@ -17,7 +17,7 @@ def words(prompts, responses):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_model_dir):
-    from alignkit.models import make_tiny_model
+    from alignkit.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("precision")
     rows = tasks.make_mixture(["reversal", "arithmetic"], "train", 8, seed=1)

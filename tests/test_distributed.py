@@ -1,6 +1,6 @@
 """The shipped accelerate configs on this CPU: DDP with 2 processes (gloo) gives the step losses and the weights
-of one process with the same global batch (SFT, RM, DPO, PPO), and saves one Hugging Face model that reloads; the FSDP config,
-which accelerate runs only on GPUs, is refused instead of silently training as something else."""
+of one process with the same global batch (SFT, RM, DPO, PPO), and saves one Hugging Face model that reloads.
+FSDP: tests/test_fsdp.py."""
 
 import json
 import math
@@ -102,17 +102,6 @@ def test_bf16_under_ddp_is_the_bf16_of_one_process(tiny_model_dir, sft_data, tmp
     assert rows["one"][0]["loss"] != fp32 and rows["two"][0]["loss"] != fp32
 
 
-def test_fsdp_config_is_refused_on_a_machine_without_gpu(tiny_model_dir, sft_data, tmp_path):
-    """accelerate enables FSDP only on GPUs: on CPU the run would be plain DDP. alignkit says so and stops (exit 2)
-    before any model loads, naming what to use instead."""
-    if torch.cuda.is_available():
-        pytest.skip("FSDP runs on this machine's GPUs")
-    result = accelerate_launch("fsdp.yaml", stage_args("sft", tiny_model_dir, sft_data, tmp_path / "fsdp"))
-    assert result.returncode != 0
-    assert "asks for FSDP" in result.stderr and "configs/accelerate/ddp.yaml" in result.stderr
-    assert not (tmp_path / "fsdp" / "model.safetensors").exists()
-
-
 def test_shipped_configs_parse_and_name_their_backend():
     import yaml
 
@@ -152,7 +141,7 @@ for mode in ("synced", "unsynced"):
     policy, _ = _build_models(cfg, accelerator.device)
     policy.eval()
     tokenizer = load_tokenizer(model_dir)
-    prompts = [p.ids for p in load_prompts("builtin:arithmetic:8", "train", tokenizer, cfg)]
+    prompts = [p.ids for p in load_prompts("builtin:arithmetic:8", "train", tokenizer, max_prompt_length=cfg.max_prompt_length)]
     # the same global batch on every process (one seed), of which each keeps its rows in slot order
     episodes = rollout(policy.lm, tokenizer, prompts, SamplingParams(6, 1.0, seed=3))
     mask = episodes.response_mask.float()
@@ -267,8 +256,14 @@ def test_ppo_ddp_two_processes_make_the_run_of_one(tiny_model_dir, tmp_path):
                     "returns", "explained_variance"):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-4 * scale.get(key, 0.0)), (key, a[key], b[key])
         assert a["ppo_updates"] == b["ppo_updates"] == 2
+    # The weights: Adam's m/√v turns a rounding-level difference in a near-zero gradient component into a step
+    # difference of up to ~lr, so elements can differ by ~1e-5 (measured: max 1.9e-5, one element of 8192 above
+    # 1e-5). Compared per tensor against the size of its update: ‖w₂ − w₁‖ ≤ 1e-3·‖w₁ − w₀‖ (measured worst ratio
+    # 6.7e-5; a gradient that is not summed over processes gives ratios of order 1).
+    w0 = load_file(str(tiny_model_dir / "model.safetensors"))
     w1, w2 = load_file(str(tmp_path / "one/model.safetensors")), load_file(str(tmp_path / "two/model.safetensors"))
-    assert all(torch.allclose(w1[n], w2[n], atol=1e-5) for n in w1)
-    assert not all(torch.equal(w1[n], load_file(str(tiny_model_dir / "model.safetensors"))[n]) for n in w1)  # it trained
+    for n in w1:
+        assert (w2[n] - w1[n]).norm() <= 1e-3 * (w1[n] - w0[n]).norm(), (n, float((w2[n] - w1[n]).norm()), float((w1[n] - w0[n]).norm()))
+    assert not all(torch.equal(w1[n], w0[n]) for n in w1)  # it trained
     bad = accelerate_launch("ddp.yaml", [*args, "--mini_batch_size", "3", "--output_dir", str(tmp_path / "bad")])
     assert bad.returncode != 0 and "--mini_batch_size 3 must be a multiple of the number of processes (2)" in bad.stderr

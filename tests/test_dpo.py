@@ -33,7 +33,7 @@ def pref_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory):
-    from alignkit.models import make_tiny_model
+    from alignkit.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-ref") / "model", hidden_size=64, num_layers=2, seed=1)
 
@@ -175,7 +175,8 @@ def test_logged_metrics_equal_a_direct_computation_with_both_models(tmp_path, ti
 
 @pytest.mark.parametrize("arch", ["llama", "qwen"])
 def test_shared_prompt_rows_give_the_log_probs_of_separate_rows(tmp_path, pref_file, tokenizer, arch):
-    from alignkit.models import load_causal_lm, make_tiny_model
+    from alignkit.models import load_causal_lm
+    from alignkit.testing import make_tiny_model
 
     model = load_causal_lm(str(make_tiny_model(tmp_path / arch, arch=arch, hidden_size=32, num_layers=2))).eval()
     assert dpo.supports_custom_masks(model)

@@ -233,7 +233,8 @@ def test_hhh_end_to_end_with_a_fake_model(monkeypatch, tiny, tmp_path):
 
 def test_winrate_and_kl_end_to_end(tiny, tiny_model_dir, tmp_path):
     from alignkit.evaluate.winrate import WinRateConfig, run_winrate, sequence_kl
-    from alignkit.models import load_causal_lm, make_tiny_model
+    from alignkit.models import load_causal_lm
+    from alignkit.testing import make_tiny_model
 
     model, tokenizer = tiny
     other = load_causal_lm(str(make_tiny_model(tmp_path / "other", seed=1))).eval()
@@ -254,7 +255,8 @@ def test_winrate_on_prompt_only_rows_reports_mean_scores(tiny, tiny_model_dir, t
     """A file of {"prompt"} rows (e.g. held-out RL prompts) and a pointwise judge: the mean score of each
     side is reported too (here: response length in characters, checked against the predictions file)."""
     from alignkit.evaluate.winrate import WinRateConfig, run_winrate
-    from alignkit.models import load_causal_lm, make_tiny_model
+    from alignkit.models import load_causal_lm
+    from alignkit.testing import make_tiny_model
 
     model, tokenizer = tiny
     other = load_causal_lm(str(make_tiny_model(tmp_path / "other", seed=1))).eval()

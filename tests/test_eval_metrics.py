@@ -154,6 +154,8 @@ def test_programmatic_judges_from_specs():
 
 
 def test_llm_judge_over_an_openai_compatible_endpoint():
+    import openai
+
     from alignkit.evaluate.winrate import LLMJudge, parse_verdict, win_rate
 
     seen = []
@@ -167,7 +169,7 @@ def test_llm_judge_over_an_openai_compatible_endpoint():
         reply = "A" if "good" in first and "good" not in second else "B" if "good" in second else "tie"
         return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": reply}}]})
 
-    client = httpx.Client(transport=httpx.MockTransport(handler))
+    client = openai.OpenAI(base_url="http://judge.test/v1", api_key="k", http_client=httpx.Client(transport=httpx.MockTransport(handler)))
     judge = LLMJudge("http://judge.test/v1", "judge-model", client=client)
     result = win_rate(["q1", "q2", "q3"], ["good answer", "meh", "meh"], ["bad", "good one", "meh too"], judge)
     assert [r["score_a"] for r in result["per_prompt"]] == [1.0, 0.0, 0.5]
@@ -175,7 +177,8 @@ def test_llm_judge_over_an_openai_compatible_endpoint():
     assert judge.calls == 6 and judge.unreadable == 0
     assert [parse_verdict(t) for t in ("B", "a.", "Tie", "Answer B is better", "", "unclear")] == [0.0, 1.0, 0.5, 0.0, None, None]
 
-    failing = LLMJudge("http://judge.test/v1", "m", client=httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))))
+    failing = LLMJudge("http://judge.test/v1", "m", client=openai.OpenAI(
+        base_url="http://judge.test/v1", api_key="k", max_retries=0, http_client=httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500)))))
     with pytest.raises(RuntimeError, match="llm judge at http://judge.test/v1/chat/completions"):
         failing.verdict("q", "a", "b")
 

@@ -359,14 +359,15 @@ def test_cli_bad_row_exits_2_and_skip_invalid_trains(tmp_path, tiny_model_dir):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out1" / "data_report.json").exists()
 
-    # the same file with --skip_invalid trains (in this process: the imports are paid already)
+    # the same file with --skip_invalid trains (in this process: the imports are paid already), progress bar on
     out = tmp_path / "out2"
-    result = CliRunner().invoke(app, sft_flags(tiny_model_dir, path, out, "--skip_invalid"))
+    result = CliRunner().invoke(app, [f for f in sft_flags(tiny_model_dir, path, out, "--skip_invalid") if f != "--no_progress"])
     assert result.exit_code == 0, result.output
-    assert f"train ({path}): format prompt_completion; kept: 3 examples" in result.stdout
-    assert "skipped 2 invalid row(s):" in result.stdout
-    assert f"  1 x wrong type in 'completion'  (e.g. {path}:3: field 'completion': must be a string, got int)" in result.stdout
-    assert f"  1 x malformed JSON  (e.g. {path}:5: malformed JSON" in result.stdout
+    assert f"train ({path}): format prompt_completion; kept: 3 examples" in result.stderr
+    assert "skipped 2 invalid row(s):" in result.stderr
+    assert f"  1 x wrong type in 'completion'  (e.g. {path}:3: field 'completion': must be a string, got int)" in result.stderr
+    assert f"  1 x malformed JSON  (e.g. {path}:5: malformed JSON" in result.stderr
+    assert len(result.stdout.splitlines()) == 1 and "loss" in json.loads(result.stdout)  # diagnostics log to stderr; stdout: the result
     report = json.loads((out / "data_report.json").read_text())
     assert report["train"]["format"] == "prompt_completion"
     assert report["train"]["examples"] == 3

@@ -313,7 +313,8 @@ def test_ppo_prompts(workdir, tokenizer, ppo_cfg, lines):
     counted = {}
 
     def load(source, invalid):
-        return load_prompts(source, "train", tokenizer, ppo_cfg, verbose=False, counts=counted)
+        return load_prompts(source, "train", tokenizer, max_prompt_length=ppo_cfg.max_prompt_length, skip_invalid=ppo_cfg.skip_invalid,
+                            verbose=False, counts=counted)
 
     kept = check(load, path, None, skip=True)
     if kept is not None:
@@ -340,7 +341,7 @@ def test_flan_task_readers(workdir, lines, txt, skip):
 @FEW
 @given(lines=jsonl_files)
 def test_self_instruct_seed_tasks_and_eval_instruction_files(workdir, lines):
-    from alignkit.data.self_instruct import load_seed_tasks
+    from alignkit.data.self_instruct_prompts import load_seed_tasks
     from alignkit.evaluate.suites import read_instructions
     from alignkit.evaluate.winrate import read_prompts
 
@@ -369,7 +370,7 @@ seed_instances = st.lists(st.fixed_dictionaries({"output": mostly(good_text, wro
                      min_size=1, max_size=4))
 def test_instruction_rows_with_wrong_types(workdir, rows):
     """Self-Instruct seed / user-oriented eval rows whose fields hold the wrong types."""
-    from alignkit.data.self_instruct import load_seed_tasks
+    from alignkit.data.self_instruct_prompts import load_seed_tasks
     from alignkit.evaluate.suites import read_instructions
 
     path = workdir / "instructions.jsonl"

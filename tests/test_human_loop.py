@@ -162,8 +162,8 @@ def test_a_store_that_already_holds_the_judgments_returns_at_once(tmp_path, monk
 # ------------------------------------------------------------------------------------------ in the browser
 
 
-def wait_for_url(lines: list[str], thread: threading.Thread) -> str:
-    deadline = time.monotonic() + 60
+def wait_for_url(lines: list[str], thread: threading.Thread, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and thread.is_alive():
         for line in list(lines):
             match = re.search(r"open (http://\S+)/ in a browser", line)
@@ -291,10 +291,78 @@ def test_a_demonstration_written_in_the_page_becomes_sft_data(tiny_model_dir, br
     examples, fmt = load_sft_examples(str(out))
     assert fmt == "prompt_completion"
     assert examples == [{"messages": [{"role": "user", "content": "Write a short poem about rain."}, {"role": "assistant", "content": answer}]}]
-    from alignkit.config import SFTConfig
-    from alignkit.train.sft import run_sft
-
-    run_sft(SFTConfig(model_name_or_path=str(tiny_model_dir), dataset=str(out), output_dir=str(tmp_path / "sft"), max_steps=1,
-                      per_device_train_batch_size=1, logging_steps=1, progress=False, max_length=64))
+    trained = runner.invoke(cli, ["sft", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(out), "--output_dir", str(tmp_path / "sft"),
+                                  "--max_steps", "1", "--per_device_train_batch_size", "1", "--logging_steps", "1", "--no_progress", "--max_length", "64"])
+    assert trained.exit_code == 0, trained.output
     metrics = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 1 and metrics[-1]["loss"] > 0
+
+
+# ------------------------------------------------------------------------------------------ the whole pipeline with people as the judge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def judge_through_the_api(url: str, needed: int) -> list[dict]:
+    """What the page does for a person: fetch the next item (GET /api/judge), store a ranking (POST /api/feedback).
+    This person prefers shorter answers (equal lengths tie). Returns the judgments posted."""
+    import uuid
+
+    import httpx
+
+    posted = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while True:
+            status = client.get("/api/judge").json()
+            if status["item"] is None:
+                assert status["judged"] >= needed
+                return posted
+            responses = status["item"]["responses"]
+            lengths = sorted(set(map(len, responses)))
+            body = {"id": uuid.uuid4().hex, "annotator": "ada", "prompt": status["item"]["prompt"], "responses": responses,
+                    "ranks": [lengths.index(len(r)) + 1 for r in responses]}
+            answer = client.post("/api/feedback", json=body)
+            assert answer.status_code == 200 and answer.json()["stored"], answer.text
+            posted.append(body)
+
+
+@pytest.mark.timeout(2400)  # a whole --quick pipeline run and a rerun of compare: 3-4 min on a quiet machine, far more under load
+def test_a_pipeline_with_people_as_the_judge_continues_to_the_report(tmp_path):
+    """recipes/human.yaml --quick: the compare stage serves the page and waits; judgments arrive through the page's API
+    (the browser itself is driven in the tests above); the run then trains rm, ppo and dpo on those judgments and writes
+    the report. The judgments survive a rerun of compare, which then serves nothing and makes the same pairs."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "human.yaml"
+    recipe.write_text((ROOT / "recipes" / "human.yaml").read_text().replace("human_port: 8008", "human_port: 0"))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "alignkit.cli", "pipeline", str(recipe), "--output_dir", str(run), "--quick"]
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(child.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        url = wait_for_url(lines, reader, timeout_s=1200)  # after data, sft and sampling
+        needed = 4  # recipe.QUICK_DEFAULTS compare.human_needed
+        posted = judge_through_the_api(url, needed)
+        assert child.wait(timeout=1500) == 0, "".join(lines)[-4000:]
+    finally:
+        if child.poll() is None:
+            child.kill()
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert len(posted) == needed and f"{needed} of {needed} comparisons" in output
+    for stage in ("rm", "ppo", "dpo", "eval", "report"):
+        assert f"{stage}: done in" in output and json.loads((run / stage / "stage.json").read_text())["status"] == "done", stage
+    assert (run / "report.md").exists() and json.loads((run / "report.json").read_text())["eval"]
+    pairs = [json.loads(line) for name in ("pairs_train", "pairs_heldout") for line in (run / "compare" / f"{name}.jsonl").read_text().splitlines()]
+    assert pairs and all(len(p["chosen"]) < len(p["rejected"]) for p in pairs)  # the person's rule, and only theirs
+    judged_prompts = {b["prompt"][-1]["content"] for b in posted}
+    assert {p["prompt"] for p in pairs} <= judged_prompts
+
+    again = subprocess.run(command + ["--only", "compare", "--force"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"already holds {needed} of {needed} comparisons: not serving" in again.stdout + again.stderr
+    repeated = [json.loads(line) for name in ("pairs_train", "pairs_heldout") for line in (run / "compare" / f"{name}.jsonl").read_text().splitlines()]
+    assert repeated == pairs

@@ -349,7 +349,6 @@ def test_resume_replays_the_same_iterations(setup, tmp_path):
 
 
 def test_prompt_formats(tokenizer, tmp_path):
-    from alignkit.config import PPOConfig
     from alignkit.data.formats import DataError, write_jsonl
     from alignkit.data.prompts import load_prompts
 
@@ -360,16 +359,16 @@ def test_prompt_formats(tokenizer, tmp_path):
         {"prompt": "Say 5", "completion": "5", "id": 7},
     ]
     write_jsonl(rows, tmp_path / "p.jsonl")
-    prompts = load_prompts(str(tmp_path / "p.jsonl"), "train", tokenizer, PPOConfig(max_prompt_length=512))
+    prompts = load_prompts(str(tmp_path / "p.jsonl"), "train", tokenizer, max_prompt_length=512)
     assert len(prompts) == 4
     assert tokenizer.decode(prompts[0].ids).endswith("assistant\n") and "What is 2+2?" in tokenizer.decode(prompts[0].ids)
     assert prompts[2].columns == {"completion": "4"} and prompts[3].columns == {"completion": "5", "id": 7}
     assert tokenizer.decode(prompts[2].ids).endswith("Say 4<|im_end|>\n<|im_start|>assistant\n")  # the answer is not in the prompt
-    builtin = load_prompts("builtin:arithmetic:5", "train", tokenizer, PPOConfig())
+    builtin = load_prompts("builtin:arithmetic:5", "train", tokenizer)
     assert len(builtin) == 5 and all("completion" in p.columns for p in builtin)
     write_jsonl([{"question": "x"}], tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="no prompt"):
-        load_prompts(str(tmp_path / "bad.jsonl"), "train", tokenizer, PPOConfig())
+        load_prompts(str(tmp_path / "bad.jsonl"), "train", tokenizer)
 
 
 def test_separate_critic(setup, tmp_path):
@@ -417,9 +416,11 @@ def test_reward_model_as_reward_and_critic(setup, tmp_path):
     load_tokenizer(str(setup / "model")).save_pretrained(tmp_path / "rm")
     scorer = RewardModelScorer(str(tmp_path / "rm"))
     tok = scorer.tokenizer
-    got = scorer(["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"] * 2, ["Hello there", "Bye"], finished=[True, False])
-    ids = [tok("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello there" + tok.eos_token, add_special_tokens=False)["input_ids"],
-           tok("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nBye", add_special_tokens=False)["input_ids"]]
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    got = scorer([prompt] * 2, ["Hello there", "Bye"], finished=[True, False])
+    # as the reward model was trained: the prompt, then the assistant turn closed by the template (finished or not)
+    ids = [tok(prompt, add_special_tokens=False)["input_ids"] + tok(r + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+           for r in ("Hello there", "Bye")]
     assert got == pytest.approx(score_sequences(rm, ids, tok.pad_token_id), abs=1e-5) and got[0] != got[1]
     rows = train(setup, "unused", output_dir=str(tmp_path / "out"), reward_model=str(tmp_path / "rm"), reward_fn=f"{setup / 'reward.py'}:words",
                  reward_weights="1,0.5", critic_model=str(tmp_path / "rm"), max_steps=2, rollout_batch_size=4, max_new_tokens=4, num_ppo_epochs=1)

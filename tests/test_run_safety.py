@@ -359,3 +359,14 @@ def test_hub_ids_fail_at_once_when_the_hub_is_unreachable(monkeypatch, request, 
             call()
         assert time.monotonic() - start < 10
     assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored after the data set
+
+
+def test_fresh_lora_adapters_follow_the_seed(tiny_model_dir, data_file, tmp_path):
+    """A fresh LoRA adapter is random: it must be drawn after --seed is applied, so the same command gives the same
+    run whatever the process did before (here: the global RNG is moved between the two runs)."""
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset=str(data_file), max_steps=1, use_peft=True, learning_rate=1e-3)
+    first = run_sft(output_dir=str(tmp_path / "a"), **settings)
+    torch.manual_seed(12345)
+    torch.rand(1000)
+    second = run_sft(output_dir=str(tmp_path / "b"), **settings)
+    assert first[0]["loss"] == second[0]["loss"] and first[0]["grad_norm"] == second[0]["grad_norm"]

@@ -23,6 +23,7 @@ from rouge_score import rouge_scorer
 from typer.testing import CliRunner
 
 from alignkit.data import self_instruct as si
+from alignkit.data import self_instruct_prompts as sip
 from alignkit.data.formats import DataError, load_sft_examples
 from alignkit.data.generators import Completion, OpenAIGenerator, RequestFailed, cut_at_stop
 from alignkit.data.similarity import RougePool, lcs_lengths, rouge_tokens
@@ -105,12 +106,12 @@ def test_best_match_prunes_with_the_overlap_bound_and_stays_exact():
     ("Élaborez un plan de voyage.", "starts_with_non_ascii"),
 ])
 def test_instruction_filters(text, reason):
-    result = si.instruction_filter_reason(text)
+    result = sip.instruction_filter_reason(text)
     assert (result[0] if result else None) == reason
 
 
 def test_instance_filters_drop_degenerate_and_duplicate_instances():
-    kept, drops = si.filter_instances([
+    kept, drops = sip.filter_instances([
         {"input": "a", "output": "b"},
         {"input": "a", "output": " b "},  # duplicate after stripping
         {"input": "c", "output": ""},
@@ -126,32 +127,32 @@ def test_instance_filters_drop_degenerate_and_duplicate_instances():
     assert kept == [{"input": "a", "output": "b"}, {"input": "", "output": "fine"}, {"input": "", "output": "1. Red\n2. Green\n3. Blue\n4. Red apples"}]
     assert drops == Counter(duplicate_instance=1, empty_output=2, output_equals_input=1, ends_with_colon=1, output_equals_instruction=1,
                             repetitive=2)
-    kept, drops = si.filter_instances([{"input": "x", "output": "1"}, {"input": "x", "output": "2"}, {"input": "y", "output": "3"}], "T")
+    kept, drops = sip.filter_instances([{"input": "x", "output": "1"}, {"input": "x", "output": "2"}, {"input": "y", "output": "3"}], "T")
     assert kept == [] and drops == Counter(conflicting_outputs=3)
 
 
 def test_parse_instructions_completion_and_chat():
     text = " Name a fruit.\n10. List two rivers in Asia.\n11.  11. Repeat twice.\n12. Cut off mid"
-    assert si.parse_instructions(Completion(text, finished=False), limit=8) == ["Name a fruit.", "List two rivers in Asia.", "Repeat twice."]
-    assert si.parse_instructions(Completion(text, finished=True), limit=2) == ["Name a fruit.", "List two rivers in Asia."]
+    assert sip.parse_instructions(Completion(text, finished=False), limit=8) == ["Name a fruit.", "List two rivers in Asia.", "Repeat twice."]
+    assert sip.parse_instructions(Completion(text, finished=True), limit=2) == ["Name a fruit.", "List two rivers in Asia."]
     chat = "Sure! Here are more:\n9. Name a fruit.\n10) Spell a word backwards."
-    assert si.parse_instructions(Completion(chat, True), 8, chat=True) == ["Name a fruit.", "Spell a word backwards."]
-    assert si.parse_instructions(Completion("One task.\nAnother task.", True), 8, chat=True) == ["One task.", "Another task."]
+    assert sip.parse_instructions(Completion(chat, True), 8, chat=True) == ["Name a fruit.", "Spell a word backwards."]
+    assert sip.parse_instructions(Completion("One task.\nAnother task.", True), 8, chat=True) == ["One task.", "Another task."]
 
 
 def test_parse_instances_input_first_and_output_first():
     text = "Input: 2 + 2\nOutput: 4\n\nExample 2\nOutput: no input here\nExample 3\nInput: lonely\nExample 4\nInput: 1\nOutput: 2\nOutput: 3"
-    instances, problems = si.parse_instances(Completion(text, True), is_classification=False, chat=False)
+    instances, problems = sip.parse_instances(Completion(text, True), is_classification=False, chat=False)
     assert instances == [{"input": "2 + 2", "output": "4"}, {"input": "", "output": "no input here"},
                          {"input": "1", "output": "2"}, {"input": "", "output": "3"}]
     assert problems == Counter(input_without_output=1)
-    instances, problems = si.parse_instances(Completion("Input: a\nOutput: b\nExample 2\nInput: c\nOutput: d d d", False), False, False)
+    instances, problems = sip.parse_instances(Completion("Input: a\nOutput: b\nExample 2\nInput: c\nOutput: d d d", False), False, False)
     assert instances == [{"input": "a", "output": "b"}] and problems == Counter(cut_at_token_limit=1)
     text = " Positive\nInput: I love it.\nClass label: Negative\nInput: Awful.\nClass label: Neutral"
-    instances, _ = si.parse_instances(Completion(text, True), is_classification=True, chat=False)
+    instances, _ = sip.parse_instances(Completion(text, True), is_classification=True, chat=False)
     assert instances == [{"input": "I love it.", "output": "Positive"}, {"input": "Awful.", "output": "Negative"},
                          {"input": "", "output": "Neutral"}]
-    assert [si.parse_classification(a) for a in (" Yes", "no.", "Maybe")] == [True, False, None]
+    assert [sip.parse_classification(a) for a in (" Yes", "no.", "Maybe")] == [True, False, None]
     assert cut_at_stop("abc\nTask: x", ("Task:", "\nTask:")) == ("abc", True)
 
 
@@ -159,12 +160,12 @@ def test_parse_instances_input_first_and_output_first():
 
 
 def test_seed_sets_load(shared_data):
-    real = si.load_seed_tasks(str(shared_data / "self_instruct" / "seed_tasks.jsonl"))
+    real = sip.load_seed_tasks(str(shared_data / "self_instruct" / "seed_tasks.jsonl"))
     rows = [json.loads(line) for line in (shared_data / "self_instruct" / "seed_tasks.jsonl").read_text().splitlines()]
     assert len(real) == 175 and sum(t.is_classification for t in real) == sum(r["is_classification"] for r in rows)
-    own = si.load_seed_tasks(si.BUILTIN_SEED_TASKS)
+    own = sip.load_seed_tasks(si.BUILTIN_SEED_TASKS)
     assert len(own) >= 20 and 5 <= sum(t.is_classification for t in own) < len(own)
-    assert all(si.instruction_filter_reason(t.instruction) is None for t in own)
+    assert all(sip.instruction_filter_reason(t.instruction) is None for t in own)
     pool = RougePool()
     for task in own:  # our own seeds would pass the similarity filter against each other
         assert pool.best_match(task.instruction).score < 0.7
@@ -176,7 +177,7 @@ def test_bad_seed_file_names_line_and_field(tmp_path):
     path.write_text('{"instruction": "Fine task here.", "instances": [{"input": "", "output": "x"}], "is_classification": false}\n'
                     '{"instruction": "Second task here.", "instances": [{"input": "", "output": 3}], "is_classification": false}\n')
     with pytest.raises(DataError, match=r"seeds.jsonl:2: field 'instances\[0\].output'"):
-        si.load_seed_tasks(str(path))
+        sip.load_seed_tasks(str(path))
 
 
 # ---------------------------------------------------------------------------------------------- the loop, fake generator
@@ -201,8 +202,8 @@ class FakeGenerator:
         return " " + "\n".join(f"{9 + i}. Describe {' '.join(self.rng.sample(WORDS, 6))}." for i in range(self.per_prompt)) + "\n"
 
     def complete(self, prompts, max_tokens, temperature, top_p=1.0, stop=(), seed=None):
-        kind = ("instructions" if prompts and prompts[0].startswith(si.INSTRUCTION_HEADER) else
-                "classify" if prompts and prompts[0].startswith(si.CLASSIFY_HEADER) else "instances")
+        kind = ("instructions" if prompts and prompts[0].startswith(sip.INSTRUCTION_HEADER) else
+                "classify" if prompts and prompts[0].startswith(sip.CLASSIFY_HEADER) else "instances")
         self.calls.append((kind, list(prompts)))
         if self.fail_on_call == len(self.calls):
             raise RuntimeError("killed midway")
@@ -229,7 +230,7 @@ def read(path: Path) -> list[dict]:
 
 
 def test_round_filter_decisions_on_crafted_candidates(tmp_path):
-    seeds = si.load_seed_tasks(si.BUILTIN_SEED_TASKS)
+    seeds = sip.load_seed_tasks(si.BUILTIN_SEED_TASKS)
     crafted = [
         "Name three rivers that flow through more than one country.",  # accepted
         "List rivers.",  # too short
@@ -273,8 +274,8 @@ def test_round_filter_decisions_on_crafted_candidates(tmp_path):
     assert "Is it classification? Yes" in classify_prompts[0] and "Is it classification? No" in classify_prompts[0]
     outputs_first = {instruction_of(p): p.endswith("\nClass label:") for p in instance_prompts}
     assert outputs_first == {crafted[0]: False, crafted[6]: False, crafted[7]: False, crafted[8]: True}
-    assert instance_prompts[3].startswith(si.OUTPUT_FIRST_HEADER)
-    assert instance_prompts[0].startswith(si.INPUT_FIRST_HEADER) and instance_prompts[0].endswith("\nExample 1\n")
+    assert instance_prompts[3].startswith(sip.OUTPUT_FIRST_HEADER)
+    assert instance_prompts[0].startswith(sip.INPUT_FIRST_HEADER) and instance_prompts[0].endswith("\nExample 1\n")
 
 
 def prompt_items(prompt: str) -> list[str]:
@@ -282,7 +283,7 @@ def prompt_items(prompt: str) -> list[str]:
 
 
 def test_in_context_instructions_are_six_seeds_and_two_generated_once_available(tmp_path):
-    seeds = [t.instruction for t in si.load_seed_tasks(si.BUILTIN_SEED_TASKS)]
+    seeds = [t.instruction for t in sip.load_seed_tasks(si.BUILTIN_SEED_TASKS)]
     # round 1 accepts one instruction (its second prompt yields nothing), later prompts three each
     fake = FakeGenerator([" Describe " + " ".join(random.Random(9).sample(WORDS, 6)) + ".\n", ""], rng_seed=4)
     report = si.run_self_instruct(config(tmp_path, num_instructions=10, prompts_per_round=2), fake)
@@ -327,9 +328,9 @@ def test_classification_tasks_get_output_first_instances(tmp_path):
     assert row["is_classification"] and row["instances"] == [{"input": "Loved every minute.", "output": "Positive"},
                                                                {"input": "Two hours lost.", "output": "Negative"}]
     instance_prompt = fake.calls[2][1][0]
-    assert instance_prompt.startswith(si.OUTPUT_FIRST_HEADER) and instance_prompt.endswith(f"Task: {task}\nClass label:")
+    assert instance_prompt.startswith(sip.OUTPUT_FIRST_HEADER) and instance_prompt.endswith(f"Task: {task}\nClass label:")
     shots = re.findall(r"Task: (.*)\n", instance_prompt)[:-1]
-    classification_seeds = {t.instruction for t in si.load_seed_tasks(si.BUILTIN_SEED_TASKS) if t.is_classification}
+    classification_seeds = {t.instruction for t in sip.load_seed_tasks(si.BUILTIN_SEED_TASKS) if t.is_classification}
     assert shots and set(shots) <= classification_seeds  # few-shot examples of the same kind
 
 
@@ -542,12 +543,12 @@ def test_short_run_with_the_builtin_model(tmp_path):
     out = tmp_path / "out"
     accepted, rejected = read(out / si.ACCEPTED), read(out / si.REJECTED)
     assert report["candidates"] == len(accepted) + len(rejected) >= 1  # seed 0: the model does write a list
-    seeds = [t.instruction for t in si.load_seed_tasks(si.BUILTIN_SEED_TASKS)]
+    seeds = [t.instruction for t in sip.load_seed_tasks(si.BUILTIN_SEED_TASKS)]
     for i, row in enumerate(accepted):
-        assert si.instruction_filter_reason(row["instruction"]) is None
+        assert sip.instruction_filter_reason(row["instruction"]) is None
         earlier = seeds + [r["instruction"] for r in accepted[:i]]
         assert max(reference_f(row["instruction"], text) for text in earlier) < 0.7
-        assert row["instances"] and si.filter_instances(row["instances"], row["instruction"]) == (row["instances"], Counter())
+        assert row["instances"] and sip.filter_instances(row["instances"], row["instruction"]) == (row["instances"], Counter())
     assert all(row["reason"] in REASONS for row in rejected)
     assert all(row["max_similarity"] >= 0.7 for row in rejected if row["reason"] == "too_similar")
     assert len(read(out / si.SFT)) == sum(len(r["instances"]) for r in accepted)

@@ -152,7 +152,8 @@ def test_sft_learns_a_task_and_generalizes_to_held_out_items(tmp_path):
     seeds; the bounds stay far from the worst seed (exact match ≥ 0.7 vs 0.89; loss ratio < 0.1 vs 0.026)
     and far above the untrained model (< 0.1)."""
     from alignkit.evaluate.tasks import exact_match_eval
-    from alignkit.models import load_causal_lm, load_tokenizer, make_tiny_model
+    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.testing import make_tiny_model
     from alignkit.train.sft import formatting
 
     tiny_model_dir = make_tiny_model(tmp_path / "model", hidden_size=128, num_layers=2)  # 64 wide learns it only sometimes

@@ -79,7 +79,8 @@ config_command("ppo", PPOConfig, _trainer("alignkit.rl.ppo", "run_ppo"),
 
 @dataclass
 class GenerateConfig:
-    model_name_or_path: str = knob("smollm2-135m-instruct", "HF model dir, hub id, or built-in name")
+    model_name_or_path: str = knob("smollm2-135m-instruct", "HF model dir, hub id, built-in name, or a pipeline stage RUN/sft|ppo|dpo",
+                                   positional="MODEL")
     prompt: list[str] = knob([], "a prompt; repeat the flag for a batch", required=True)
     chat: bool = knob(False, "wrap the prompt as a user turn (chat template or separator)")
     system: str = knob("", "system message (with --chat)")
@@ -96,9 +97,11 @@ def run_generate(cfg: GenerateConfig) -> None:
     from alignkit.data.tokenize import Formatting, prompt_text
     from alignkit.generation import SamplingParams, generate_text
     from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.pipeline.stage_models import resolve_model
 
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    model = load_causal_lm(cfg.model_name_or_path, dtype=cfg.torch_dtype)
+    model_dir = resolve_model(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, dtype=cfg.torch_dtype)
     fmt = Formatting(cfg.use_chat_template, cfg.separator)
     head = [{"role": "system", "content": cfg.system}] if cfg.system else []
     texts = [prompt_text(tokenizer, head + [{"role": "user", "content": p}], fmt) if cfg.chat else p for p in cfg.prompt]

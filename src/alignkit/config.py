@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None, max: float | None = None,
          min_exclusive: bool = False, max_exclusive: bool = False, aliases: tuple[str, ...] = (),
-         flag_values: dict[str, Any] | None = None, path: str = "", required: bool = False, repeatable: bool = False, envvar: str = "") -> Any:
+         flag_values: dict[str, Any] | None = None, path: str = "", required: bool = False, repeatable: bool = False, envvar: str = "",
+         positional: str = "") -> Any:
     """Declare a config field.
 
     choices: the allowed values. min/max: numeric range, inclusive unless min_exclusive/max_exclusive.
@@ -35,9 +36,12 @@ def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | 
     directory, nor under a file), "input_file" (must exist). required: must be given (flag or YAML).
     repeatable: a comma-separated string whose flag may also be given several times.
     envvar: an environment variable read when the flag is not given (secrets such as API keys).
+    positional: the field may also be given as the command's positional argument, shown under this name
+    (`alignkit serve RUN/ppo` for `--model_name_or_path RUN/ppo`); at most one per config.
     """
     metadata = dict(help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive, max_exclusive=max_exclusive,
-                    aliases=tuple(aliases), flag_values=dict(flag_values or {}), path=path, required=required, repeatable=repeatable, envvar=envvar)
+                    aliases=tuple(aliases), flag_values=dict(flag_values or {}), path=path, required=required, repeatable=repeatable, envvar=envvar,
+                    positional=positional)
     if isinstance(default, list):  # a flag given several times (--prompt A --prompt B)
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -156,11 +160,23 @@ def value_switches(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {name.lstrip("-"): (f, value) for f in dataclasses.fields(cls) for name, value in f.metadata.get("flag_values", {}).items()}
 
 
-def read_yaml(config_file: str) -> tuple[dict, dict[str, int]]:
-    """The mapping in `config_file` and the line of each key; ConfigError with file:line on bad YAML."""
+def yaml_key_lines(node, prefix: str = "") -> dict[str, int]:
+    """'key' and 'section.key' (any depth) -> 1-based line of that key in a composed YAML document."""
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            name = f"{prefix}{key.value}"
+            lines[name] = key.start_mark.line + 1
+            lines.update(yaml_key_lines(value, name + "."))
+    return lines
+
+
+def read_yaml(config_file: str, label: str = "--config", holds: str = "flag names to values (key: value lines)") -> tuple[dict, dict[str, int]]:
+    """The mapping in `config_file` and the line of each key, nested ones as 'section.key' (`yaml_key_lines`);
+    ConfigError naming file:line on bad YAML. `label` names the file's role in errors; `holds` says what it maps."""
     path = Path(config_file)
     if not path.is_file():
-        raise ConfigError(f"--config {config_file}: no such file")
+        raise ConfigError(f"{label} {config_file}: no such file")
     loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
     try:
         node = loader.get_single_node()
@@ -172,9 +188,8 @@ def read_yaml(config_file: str) -> tuple[dict, dict[str, int]]:
     finally:
         loader.dispose()
     if not isinstance(data, dict):
-        raise ConfigError(f"{config_file}: must be a mapping of flag names to values (key: value lines), got {type(data).__name__}")
-    lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
-    return data, lines
+        raise ConfigError(f"{config_file}: must be a mapping of {holds}, got {type(data).__name__}")
+    return data, yaml_key_lines(node)
 
 
 def _checked(f, raw: Any, hint: Any, where: str) -> Any:

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
-import os
-import sys
 import typing
-import warnings
 from typing import Callable, Optional
 
 import typer
 
 from alignkit.config import _kind, allowed_text, load_config, value_switches
+from alignkit.progress import configure_logging
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
 # every typer app of alignkit: -h as well as --help; plain help text (rich's boxes cut long flag names to fit 80 columns)
 APP_SETTINGS = {"context_settings": {"help_option_names": ["-h", "--help"]}, "rich_markup_mode": None}
-log = logging.getLogger("alignkit")
 
 
 def fail(error: Exception) -> None:
@@ -34,48 +30,6 @@ def fail(error: Exception) -> None:
 
     Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (test runners swap it per command)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def configure_logging(verbose: bool) -> None:
-    """alignkit's diagnostics go to stderr; without --verbose, transformers/HF hub info logs and progress bars are off."""
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-    for name, value in quiet.items():
-        if not verbose:
-            os.environ.setdefault(name, value)
-        elif os.environ.get(name) == value:  # set by an earlier quiet command in this process
-            del os.environ[name]
-    if "transformers" in sys.modules or verbose:  # once imported, the libraries no longer read the environment
-        import huggingface_hub.utils
-        import transformers
-
-        if verbose:
-            transformers.logging.set_verbosity_info()
-            with warnings.catch_warnings():  # the hub read HF_HUB_DISABLE_PROGRESS_BARS at import; it may refuse
-                warnings.simplefilter("ignore")
-                transformers.logging.enable_progress_bar()
-                huggingface_hub.utils.enable_progress_bars()
-        else:
-            transformers.logging.set_verbosity_error()
-            transformers.logging.disable_progress_bar()
-            huggingface_hub.utils.disable_progress_bars()
 
 
 def _help(f: dataclasses.Field) -> str:
@@ -99,6 +53,10 @@ def command_from(cls: type, run: Callable, help: str | None = None) -> Callable:
     """A typer command function with one option per field of `cls`; it calls `run(load_config(cls, ...))`."""
     hints = typing.get_type_hints(cls)
     params = []
+    positional = [f for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+    for f in positional:  # `alignkit serve MODEL`: the same field as --model_name_or_path, given without its flag
+        argument = typer.Argument(None, metavar=f.metadata["positional"], help=f"same as --{f.name}", show_default=False)
+        params.append(_param(f"positional__{f.name}", Optional[str], argument))
     for f in dataclasses.fields(cls):
         kind, _ = _kind(hints[f.name])
         aliases = list(f.metadata.get("aliases", ()))
@@ -124,6 +82,12 @@ def command_from(cls: type, run: Callable, help: str | None = None) -> Callable:
         configure_logging(kwargs.pop("verbose"))
         config_file = kwargs.pop("config")
         try:
+            for f in positional:
+                given = kwargs.pop(f"positional__{f.name}")
+                if given is not None and kwargs.get(f.name) not in (None, given):
+                    raise ValueError(f"{f.metadata['positional']} {given} and --{f.name} {kwargs[f.name]} both name the {f.name}: give one")
+                if given is not None:
+                    kwargs[f.name] = given
             for switch, (f, value) in switches.items():
                 if kwargs.pop(f"switch__{switch}"):
                     if kwargs.get(f.name) not in (None, value):

@@ -1,4 +1,4 @@
-"""Load and save models: Hugging Face dirs and hub ids, the built-in GGUF model, tiny test models, LoRA.
+"""Load and save models: Hugging Face dirs and hub ids, the built-in GGUF model, LoRA (tiny test models: `testing.py`).
 
 Every path that takes a model goes through `resolve_model_path`, so the built-in name
 `smollm2-135m-instruct` works wherever a directory or hub id does, and a hub id never waits on the
@@ -12,6 +12,7 @@ import fcntl
 import functools
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # name -> (python package that ships the GGUF file, file name inside it)
 BUILTIN_MODELS = {
@@ -93,7 +96,7 @@ def builtin_model_dir(name: str) -> Path:
 
     def convert(tmp: Path) -> None:
         gguf = _builtin_gguf(name)  # only needed for the first conversion
-        print(f"alignkit: converting {gguf.name} to safetensors in {cache_dir()} (once) ...", flush=True)
+        logger.warning(f"alignkit: converting {gguf.name} to safetensors in {cache_dir()} (once) ...")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # the weights are dequantized to float32 on load; drop the GGUF marker so they can be saved
         if hasattr(model.config, "quantization_config"):
@@ -254,45 +257,6 @@ def merge_adapter(adapter_dir: str, output_dir: str) -> None:
     tmp.rename(target)
 
 
-def make_tiny_model(
-    output_dir: str | Path,
-    arch: str = "llama",
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    seed: int = 0,
-) -> Path:
-    """A random small Llama/Qwen2-style model with the built-in model's real tokenizer, saved to `output_dir`.
-
-    Built offline in seconds; tests and benchmarks use it where the real model is too slow.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(builtin_tokenizer_dir())
-    model_type = {"llama": "llama", "qwen": "qwen2", "qwen2": "qwen2"}[arch]
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    output_dir = Path(output_dir)
-    save_model(model, tokenizer, output_dir)
-    return output_dir
-
-
 def unwrap_base(model):
     """The underlying transformers model of a (possibly DDP- and/or peft-wrapped) model; LoRA layers stay injected."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -302,8 +266,10 @@ def unwrap_base(model):
 
 def trunk_and_head(model):
     """(decoder trunk returning hidden states, unembedding) so losses can unembed only the tokens they need."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return None, None  # DDP must see the whole forward to sync gradients
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, FSDPModule)):
+        return None, None  # DDP must see the whole forward to sync gradients; FSDP, to gather the root's weights
     base = unwrap_base(model)
     trunk = getattr(base, base.base_model_prefix, None)
     head = base.get_output_embeddings()

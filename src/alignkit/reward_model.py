@@ -24,6 +24,7 @@ import torch
 
 from alignkit import atomic
 from alignkit.models import _explained, load_causal_lm, resolve_model_path, unwrap_base
+from alignkit.progress import progress_bar
 
 
 class RewardModel(torch.nn.Module):
@@ -126,10 +127,9 @@ def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, ba
 
     With `row_tokens` ≠ 0 (and a decoder that takes custom masks), a batch's shared prefixes — a chat
     template's system prompt, one prompt's several responses — are computed once, in rows of about
-    `row_tokens` tokens (−1: the model's hidden size; see `rollout._state_hidden`)."""
+    `row_tokens` tokens (−1: the model's hidden size; see `rl.rollout._state_hidden`)."""
     from alignkit.data.tokenize import pad_right
     from alignkit.packing import pack_sequences, supports_custom_masks
-    from alignkit.train.loop import progress_bar
 
     row_tokens = rm.base.config.hidden_size if row_tokens < 0 else row_tokens
     shared = row_tokens > 0 and rm.decoder and supports_custom_masks(rm.model)

@@ -8,6 +8,7 @@ does not change what the others contribute. Templates, readers and rendering liv
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections import Counter
@@ -25,6 +26,8 @@ from alignkit.data.flan import (
 from alignkit import atomic
 from alignkit.data.formats import DataError, InvalidRows, write_jsonl
 from alignkit.flags import command_from
+
+logger = logging.getLogger(__name__)
 
 
 
@@ -70,7 +73,7 @@ def select_templates(template_set: TemplateSet, spec: str = "all") -> list[Templ
 
 def build_mixture(entries: list[MixtureEntry], seed: int = 0, max_per_dataset: Optional[int] = None,
                   total_rows: Optional[int] = None, shots: tuple[int, ...] = (0,), delimiter: str = "\n\n",
-                  invalid: Optional[InvalidRows] = None, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+                  invalid: Optional[InvalidRows] = None, log: Callable[[str], None] = logger.info) -> tuple[list[dict], dict]:
     """Rows of every entry, mixed examples-proportionally with a cap, rendered and shuffled; plus a summary."""
     loaded, names = [], Counter()
     for entry in entries:
@@ -225,9 +228,6 @@ class FlanConfig:
 
 def run_flan(cfg: FlanConfig) -> None:
     """The `alignkit data flan` command: FlanConfig's flags over the --mixture file's defaults."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
     entries, defaults = load_mixture(cfg.mixture) if cfg.mixture else ([], {})
     if not cfg.dataset and not entries:
         raise ValueError(f"{cfg.mixture}: lists no datasets; add a `datasets:` list or give --dataset FILE_OR_ID --task NAME")
@@ -251,15 +251,15 @@ def run_flan(cfg: FlanConfig) -> None:
         entries, cfg.seed if cfg.seed is not None else int(defaults.get("seed", 0)),
         cfg.max_per_dataset if cfg.max_per_dataset is not None else defaults.get("max_per_dataset"),
         cfg.total_rows if cfg.total_rows is not None else defaults.get("total_rows"), shot_counts,
-        _unescape(delimiter_text), invalid, log=lambda m: console.print(m, highlight=False, markup=False))
+        _unescape(delimiter_text), invalid, log=logger.info)
     if invalid.total:
-        console.print(invalid.summary(), highlight=False, markup=False)
+        logger.info(invalid.summary())
         summary["skipped_invalid"] = dict(invalid.counts)
     write_jsonl(rows, cfg.output)
     summary["output"] = cfg.output
     atomic.write_json(summary_path(cfg.output), summary, indent=2)
-    print_summary(summary)
-    console.print(f"wrote {len(rows)} rows to {cfg.output} and the summary to {summary_path(cfg.output)}", highlight=False, markup=False)
+    print_summary(summary)  # the command's output: the mixture's table, on stdout
+    logger.info(f"wrote {len(rows)} rows to {cfg.output} and the summary to {summary_path(cfg.output)}")
 
 
 flan_command = command_from(FlanConfig, run_flan)

@@ -6,11 +6,13 @@ format, whose final assistant turn is kept as a `completion` column (for rewards
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from alignkit.config import PPOConfig
 from alignkit.data.formats import DataError, InvalidRows, _format_of, read_rows, sft_example, validate_messages
 from alignkit.data.tokenize import Formatting, prompt_text
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,12 +51,15 @@ def _ending_with_user(messages: list[dict], row, field: str) -> list[dict]:
     return messages
 
 
-def load_prompts(source: str, split: str, tokenizer, cfg: PPOConfig, verbose: bool = True, counts: dict | None = None) -> list[PromptExample]:
+def load_prompts(source: str, split: str, tokenizer, fmt: Formatting | None = None, max_prompt_length: int = 512,
+                 skip_invalid: bool = False, verbose: bool = True, counts: dict | None = None) -> list[PromptExample]:
     """Prompt-only rows ({"prompt"}, {"messages"} ending with a user turn) or any SFT format (the final
-    assistant turn becomes the `completion` column). Prompts over --max_prompt_length are dropped.
+    assistant turn becomes the `completion` column), formatted as `fmt` says (default: `Formatting()`).
+    Prompts over `max_prompt_length` tokens (--max_prompt_length) are dropped; with `skip_invalid`
+    (--skip_invalid) invalid rows are counted and skipped instead of stopping.
     `counts`, when given, receives how many rows were kept, skipped as invalid and dropped as too long."""
-    invalid = InvalidRows(skip=cfg.skip_invalid)
-    fmt = Formatting(cfg.use_chat_template, cfg.separator)
+    invalid = InvalidRows(skip=skip_invalid)
+    fmt = fmt or Formatting()
     examples, too_long = [], 0
     for row in read_rows(source, split, invalid):
         try:
@@ -64,7 +69,7 @@ def load_prompts(source: str, split: str, tokenizer, cfg: PPOConfig, verbose: bo
             continue
         text = raw if messages is None else prompt_text(tokenizer, messages, fmt)
         ids = tokenizer(text, add_special_tokens=messages is None)["input_ids"]
-        if len(ids) > cfg.max_prompt_length or not ids:
+        if len(ids) > max_prompt_length or not ids:
             too_long += 1
             continue
         columns = {k: v for k, v in row.data.items() if k not in ("prompt", "messages")}
@@ -72,11 +77,11 @@ def load_prompts(source: str, split: str, tokenizer, cfg: PPOConfig, verbose: bo
             columns["completion"] = completion
         examples.append(PromptExample(ids, columns))
     if verbose:
-        print(f"prompts ({source}): {len(examples)} kept, {too_long} over --max_prompt_length {cfg.max_prompt_length} dropped")
+        logger.info(f"prompts ({source}): {len(examples)} kept, {too_long} over --max_prompt_length {max_prompt_length} dropped")
     if invalid.total and verbose:
-        print(invalid.summary())
+        logger.info(invalid.summary())
     if counts is not None:
         counts.update(kept=len(examples), skipped=invalid.total, too_long=too_long)
     if not examples:
-        raise DataError(source, f"no usable prompts ({invalid.total} invalid, {too_long} over --max_prompt_length {cfg.max_prompt_length})")
+        raise DataError(source, f"no usable prompts ({invalid.total} invalid, {too_long} over --max_prompt_length {max_prompt_length})")
     return examples

@@ -105,6 +105,25 @@ def tokenize_example(example: dict, tokenizer, fmt: Formatting) -> tuple[list[in
     return ids, weights
 
 
+def tokenize_reply(prompt: str, response: str, tokenizer, fmt: Formatting) -> list[int]:
+    """input_ids of `response` answering `prompt` (the text `prompt_text` renders for the conversation so far), exactly
+    as `tokenize_example` tokenizes that conversation with the response as its last assistant turn: the prompt and the
+    closed assistant turn are separate segments (the template's end of turn, or the eos token in the separator format).
+    What a reward model trained on such examples was trained and normalized on (RL scores through this)."""
+    eos_id = tokenizer.eos_token_id
+    chat = wants_chat_template(tokenizer, fmt.use_chat_template)
+    if chat:  # the assistant turn as the template renders it after any conversation (a stand-in user turn here)
+        user = [{"role": "user", "content": "x"}]
+        turn = _render(tokenizer, user + [{"role": "assistant", "content": response}], False)[len(_render(tokenizer, user, True)):]
+    else:
+        turn = response
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    piece = tokenizer(turn, add_special_tokens=False)["input_ids"] if turn else []
+    if eos_id is not None and (not chat or eos_id not in piece):
+        piece = piece + [eos_id]
+    return ids + piece
+
+
 def _last_response_tokens(ids: list[int], weights: list[float]) -> list[int]:
     last = [i for i, w in enumerate(weights) if w == 1.0]
     return ids[last[-1] - 2 : last[-1] + 1] if last else []

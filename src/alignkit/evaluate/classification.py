@@ -84,7 +84,7 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], ba
     import copy
 
     from alignkit.models import trunk_and_head, unwrap_base
-    from alignkit.train.loop import progress_bar
+    from alignkit.progress import progress_bar
 
     contexts = {c: tokenizer(c, add_special_tokens=False)["input_ids"] for c in dict.fromkeys(c for c, _ in pairs)}
     options = {o: tokenizer(o, add_special_tokens=False)["input_ids"] for o in dict.fromkeys(o for _, o in pairs)}

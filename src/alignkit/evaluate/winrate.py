@@ -21,6 +21,7 @@ negative) and k3 ((r − 1) − log r, r = π_ref/π: ≥ 0, lower variance) sum
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -101,33 +102,35 @@ def parse_verdict(text: str) -> float | None:
 
 
 class LLMJudge:
-    """Ask an OpenAI-compatible /chat/completions endpoint (temperature 0). Unreadable replies count as ties
-    and are counted in `unreadable`."""
+    """Ask an OpenAI-compatible endpoint's chat completions (temperature 0) through the official `openai` client.
+    Unreadable replies count as ties and are counted in `unreadable`. `client`: an `openai.OpenAI` (or anything
+    with its `chat.completions.create`), for tests or a custom transport."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, client=None, timeout: float = 60.0):
-        import httpx
-
         if not model:
             raise ValueError("an llm judge needs --judge_model (the model name the endpoint serves)")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = client or httpx.Client(timeout=timeout, headers=headers)
+        if client is None:
+            import openai
+
+            # a local server needs no key, but the client refuses to start without one
+            client = openai.OpenAI(base_url=self.base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none",
+                                   timeout=timeout, max_retries=2)
+        self.client = client
         self.unreadable = 0
         self.calls = 0
 
     def verdict(self, prompt: str, first: str, second: str) -> float:
-        import httpx
+        import openai
 
-        body = {"model": self.model, "temperature": 0, "max_tokens": 8, "messages": [
-            {"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_TEMPLATE.format(prompt=prompt, first=first, second=second)}]}
+        messages = [{"role": "system", "content": JUDGE_SYSTEM},
+                    {"role": "user", "content": JUDGE_TEMPLATE.format(prompt=prompt, first=first, second=second)}]
         try:
-            response = self.client.post(self.url, json=body)
-            response.raise_for_status()
-            text = response.json()["choices"][0]["message"]["content"]
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
-            raise RuntimeError(f"llm judge at {self.url}: {error}") from None
+            completion = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0, max_tokens=8)
+            text = completion.choices[0].message.content
+        except (openai.OpenAIError, IndexError, AttributeError) as error:
+            raise RuntimeError(f"llm judge at {self.base_url}/chat/completions: {error}") from None
         self.calls += 1
         value = parse_verdict(text or "")
         if value is None:
@@ -261,7 +264,6 @@ def _prompt_of(row) -> str:
 
 def run_winrate(cfg: WinRateConfig, models: tuple | None = None, client=None, log=print) -> dict:
     """Generate A's and B's responses, judge them in both orders, and estimate KL(A ‖ B)."""
-    import os
 
     from alignkit.data.tokenize import Formatting, prompt_text
     from alignkit.evaluate.report import markdown_table, plot_bars, sidecar, write_json, write_predictions, write_markdown

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from alignkit.config import ConfigError, read_yaml
 
 STAGES = ("data", "sft", "compare", "rm", "ppo", "dpo", "eval", "report")
 JUDGES = ("gold", "llm", "human")
@@ -149,17 +149,6 @@ QUICK_DEFAULTS = {
 # loading and validation
 
 
-def _key_lines(node, prefix: str = "") -> dict[str, int]:
-    """'section.key' -> 1-based line of every mapping key in the YAML document."""
-    lines = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            name = f"{prefix}{key.value}"
-            lines[name] = key.start_mark.line + 1
-            lines.update(_key_lines(value, name + "."))
-    return lines
-
-
 def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind).replace("typing.", ""))
 
@@ -241,17 +230,10 @@ def _check_choices(recipe: Recipe, where) -> None:
 def load_recipe(path: str | Path, quick: bool = False) -> Recipe:
     """Parse and validate a recipe file; with `quick`, apply QUICK_DEFAULTS and the recipe's `quick:` section."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    text = path.read_text()
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of keys (model, data, sft, ...), got {type(raw).__name__}")
-    lines = _key_lines(node)
+    try:  # the same reader as --config files: errors name file:line alike
+        raw, lines = read_yaml(str(path), "recipe", "keys (model, data, sft, ...): a recipe")
+    except ConfigError as error:
+        raise RecipeError(str(error)) from None
 
     def where(key: str) -> str:
         head = key.split(".")[0]

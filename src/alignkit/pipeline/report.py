@@ -183,6 +183,7 @@ def stage_report(recipe: Recipe, run: Path, resume: bool) -> dict:
         "dpo": {"train_margin": dpo_train[-1]["rewards/margins"] if dpo_train else None, "train_accuracy": dpo_train[-1]["rewards/accuracies"] if dpo_train else None,
                 "heldout_margin": dpo_eval[-1]["eval_rewards/margins"] if dpo_eval else None,
                 "heldout_accuracy": dpo_eval[-1]["eval_rewards/accuracies"] if dpo_eval else None},
+        "data": (records.get("data") or {}).get("result"),
         "eval": evaluation.get("models", {}), "temperatures": evaluation.get("temperatures", {}), "claims": tested,
     }
     write_json_atomic(run / "report.json", summary)
@@ -207,8 +208,16 @@ def markdown(recipe: Recipe, run: Path, summary: dict, figures: list[str]) -> st
         lines += ["## DPO against PPO: the notes' claims, tested on this run", "", "| claim | verdict | this run's numbers |", "|---|---|---|"]
         lines += [f"| {c['claim']} | {_verdict(c['confirmed'])} | {c['numbers']} |" for c in summary["claims"]]
         lines.append("")
-    rm, dpo, ppo = summary["rm"], summary["dpo"], summary["ppo"]
+    rm, dpo, ppo, data = summary["rm"], summary["dpo"], summary["ppo"], summary.get("data") or {}
     lines += ["## Stages", ""]
+    if data.get("accepted_instructions") is not None:
+        reasons = ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in data.items() if k.startswith("rejected/"))
+        lines.append(f"- Self-Instruct: accepted {data['accepted_instructions']} of {data['candidate_instructions']} candidate instructions "
+                     f"in {data['rounds']} rounds (rejected {data['rejected_instructions']}: {reasons or 'none'}); {data['sft_rows']} SFT rows, "
+                     f"{data['prompts']} held out")
+    if table.get("base", {}).get("rouge_l") is not None and table.get("sft", {}).get("rouge_l") is not None:
+        lines.append(f"- ROUGE-L against the references of the {table['sft']['n']} eval prompts: base {table['base']['rouge_l']:.3f} → "
+                     f"SFT {table['sft']['rouge_l']:.3f}")
     if rm["heldout_accuracy"] is not None:
         lines.append(f"- reward model: accuracy on held-out comparisons {rm['heldout_accuracy']:.3f}; normalized on the SFT model's "
                      f"responses (mean {rm['normalization']['mean']:.3f} → 0)" if rm["normalization"] else "")

@@ -39,7 +39,7 @@ def _check_run_dir(run: Path) -> None:
 def _make_quick_model(run: Path) -> None:
     target = run / "quick-model"
     if not (target / "config.json").exists():
-        from alignkit.models import make_tiny_model
+        from alignkit.testing import make_tiny_model
 
         make_tiny_model(run / ".quick-model.tmp", hidden_size=64, num_layers=2, seed=0)
         shutil.rmtree(target, ignore_errors=True)

@@ -22,6 +22,7 @@ from alignkit import atomic
 from alignkit.pipeline.recipe import Recipe, recipe_from_dict
 
 log = logging.getLogger(__name__)
+HUMAN_STORE = "human_judgments.sqlite"  # RUN/<this>: the judgments people made in the comparison page (judge: human)
 KILL_HOOK = "ALIGNKIT_PIPELINE_KILL_AFTER_CHECKPOINT"  # tests: SIGKILL the whole run right after the PPO stage's Nth checkpoint
 
 
@@ -112,11 +113,15 @@ def stage_data(recipe: Recipe, run: Path, resume: bool) -> dict:
                                "wrote nothing usable (a --quick random model never does): use a real model or data.api_base")
         sft, prompts = _split(generated, 0.2, recipe.seed)
         evaluation = _eval_rows(spec.eval_file, spec.eval_limit, recipe.seed) if spec.eval_file else []
+        counts = {"accepted_instructions": report["accepted"], "candidate_instructions": report["candidates"],
+                  "rejected_instructions": report["candidates"] - report["accepted"], "rounds": report["rounds"],
+                  **{f"rejected/{reason}": n for reason, n in report["rejected_by_reason"].items()}}
     if sft is not None:
         write_rows(sft, out / "sft_train.jsonl")
     write_rows(prompts, out / "prompts.jsonl")
     write_rows(evaluation, out / "eval.jsonl")
-    return {"sft_rows": len(sft) if sft is not None else None, "prompts": len(prompts), "eval_prompts": len(evaluation), "source": spec.source}
+    return {"sft_rows": len(sft) if sft is not None else None, "prompts": len(prompts), "eval_prompts": len(evaluation), "source": spec.source,
+            **(counts if spec.source == "self_instruct" else {})}
 
 
 def sft_file(run: Path) -> Path:
@@ -179,7 +184,9 @@ def stage_compare(recipe: Recipe, run: Path, resume: bool) -> dict:
     elif spec.judge == "llm":
         pairs = judges.llm_preferences(items, spec.llm_base_url, spec.llm_model, os.environ.get(spec.llm_api_key_env))
     else:
-        pairs = judges.human_preferences(str(run / "sft"), items, out / "human.sqlite", spec.human_needed, spec.human_port)
+        # people's judgments live beside the stage directories, not in RUN/compare: a rerun of compare (interrupted, or
+        # its recipe changed) starts from an empty directory but must keep, and count, what people already judged
+        pairs = judges.human_preferences(str(run / "sft"), items, run / HUMAN_STORE, spec.human_needed, spec.human_port)
     if not pairs:
         raise RuntimeError(f"the {spec.judge} judge preferred no response over another in {len(items)} prompts × {k} samples "
                            "(all tied): raise compare.samples_per_prompt or compare.temperature")
@@ -189,7 +196,8 @@ def stage_compare(recipe: Recipe, run: Path, resume: bool) -> dict:
     write_rows(items, out / "samples.jsonl")
     write_rows([p for p in pairs if p["prompt"] not in heldout], out / "pairs_train.jsonl")
     write_rows([p for p in pairs if p["prompt"] in heldout], out / "pairs_heldout.jsonl")
-    write_rows([{"prompt": i["prompt"], "completion": r} for i in items for r in i["responses"]], out / "sft_responses.jsonl")
+    # the reward model is normalized on these; an empty answer is no SFT row (the readers refuse it), so it is left out
+    write_rows([{"prompt": i["prompt"], "completion": r} for i in items for r in i["responses"] if r.strip()], out / "sft_responses.jsonl")
     return {"prompts": len(items), "samples_per_prompt": k, "pairs": len(pairs), "pairs_train": len(pairs) - sum(p["prompt"] in heldout for p in pairs),
             "pairs_heldout": sum(p["prompt"] in heldout for p in pairs), "judge": spec.judge}
 
@@ -284,7 +292,7 @@ def main(argv: list[str]) -> int:
     try:
         run_stage(stage, run, "--resume" in argv[2:])
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as error:
-        print(f"error in stage {stage}: {error}", file=sys.stderr)
+        log.error(f"error in stage {stage}: {error}")
         return 2
     return 0
 

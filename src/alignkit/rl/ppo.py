@@ -88,16 +88,6 @@ def _ptx_examples(cfg: PPOConfig, tokenizer) -> list:
     return [SFTExample(i, w) for i, w in zip(tokenized.input_ids, tokenized.weights)]
 
 
-def _ptx_examples(cfg: PPOConfig, tokenizer) -> list:
-    from alignkit.data.formats import load_sft_examples
-    from alignkit.data.tokenize import tokenize_all
-    from alignkit.train.sft import SFTExample
-
-    rows, _ = load_sft_examples(cfg.ptx_dataset, cfg.dataset_split, InvalidRows(skip=cfg.skip_invalid))
-    tokenized = tokenize_all(rows, tokenizer, Formatting(cfg.use_chat_template, cfg.separator, 1.0), cfg.max_length, cfg.truncation)
-    return [SFTExample(i, w) for i, w in zip(tokenized.input_ids, tokenized.weights)]
-
-
 def optimize(cfg: PPOConfig, procs: Processes, engine: Engine, exp: Experience, step: int, ptx: list, state: dict, pad_id: int) -> dict:
     """Step 5: epochs × minibatches of the global batch, one optimizer step each, through the prepared
     (DDP) module; `state["ptx_batches"]` counts the PPO-ptx batches drawn (a function of it, so resume replays them)."""
@@ -294,7 +284,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     procs = Processes(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), k)
     set_seed(cfg.seed)  # fresh LoRA adapters are random (DDP then starts every process from rank 0's)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, cfg, verbose=procs.rank == 0)
+    prompts = load_prompts(cfg.dataset, cfg.dataset_split, tokenizer, Formatting(cfg.use_chat_template, cfg.separator),
+                           cfg.max_prompt_length, cfg.skip_invalid, verbose=procs.rank == 0)
     reward = build_reward(cfg.reward_model, cfg.reward_fn, cfg.reward_weights, device=device)
     gold = build_reward("", cfg.gold_reward_fn) if cfg.gold_reward_fn else None  # log only, never trained on
     ptx = _ptx_examples(cfg, tokenizer) if cfg.ptx_coef > 0 else []

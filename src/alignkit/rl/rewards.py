@@ -59,12 +59,17 @@ BUILTIN_REWARDS = {"exact_match": exact_match_reward, "sentiment": sentiment_rew
 
 
 class RewardModelScorer:
-    """A trained reward model directory (an `alignkit rm` output) as a reward source: prompt text (as
-    formatted for the policy) + response text (+ EOS where the response ended on one) is re-tokenized
-    with the reward model's tokenizer and scored; its saved normalization (`reward_offset`) applies."""
+    """A trained reward model directory (an `alignkit rm` output) as a reward source. Each response is tokenized
+    with the reward model's tokenizer exactly as the reward model was trained and normalized (its saved formatting;
+    `data.tokenize.tokenize_reply`: the prompt text as formatted for the policy, then the response as a closed
+    assistant turn), so its saved normalization (`reward_offset`) centres these scores too. Whether a response
+    ended on a stop token is left to PPO's missing-EOS penalty: the reward model saw every response closed."""
 
     def __init__(self, directory: str, batch_size: int = 16, device=None):
+        from alignkit.reward_model import training_formatting
+
         self.tokenizer = load_tokenizer(directory)
+        self.format = training_formatting(directory)
         self.rm, head_is_new = load_reward_model(directory)
         if head_is_new:
             raise ValueError(f"--reward_model {directory} is not a reward model (no trained score head); train one with `alignkit rm`")
@@ -74,12 +79,13 @@ class RewardModelScorer:
         self.batch_size = batch_size
         self.__name__ = f"reward_model:{directory}"
 
+    def sequences(self, prompts: list[str], responses: list[str]) -> list[list[int]]:
+        from alignkit.data.tokenize import tokenize_reply
+
+        return [tokenize_reply(p, r, self.tokenizer, self.format) for p, r in zip(prompts, responses)]
+
     def __call__(self, prompts: list[str], responses: list[str], finished: list[bool] | None = None, **columns) -> list[float]:
-        eos = self.tokenizer.eos_token or ""
-        ends = finished if finished is not None else [False] * len(responses)
-        texts = [p + r + (eos if done else "") for p, r, done in zip(prompts, responses, ends)]
-        sequences = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return score_sequences(self.rm, sequences, self.tokenizer.pad_token_id, self.batch_size)
+        return score_sequences(self.rm, self.sequences(prompts, responses), self.tokenizer.pad_token_id, self.batch_size)
 
 
 def load_reward_function(spec: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import typer
@@ -25,9 +26,10 @@ def _load(model_name_or_path: str, device: str):
 def run_chat_command(cfg: ChatConfig) -> None:
     from alignkit.chat.terminal import ChatSettings, run_chat
     from alignkit.data.tokenize import Formatting
-    from alignkit.serve.engine import Engine
+    from alignkit.batching import Engine
+    from alignkit.pipeline.stage_models import resolve_model
 
-    model, tokenizer = _load(cfg.model_name_or_path, cfg.device)
+    model, tokenizer = _load(resolve_model(cfg.model_name_or_path), cfg.device)
     context = cfg.context_length or int(getattr(model.config, "max_position_embeddings", 2048))
     if cfg.max_new_tokens >= context:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for the prompt in the context of {context} tokens")
@@ -45,15 +47,17 @@ def run_chat_command(cfg: ChatConfig) -> None:
 def run_serve(cfg: ServeConfig) -> None:
     import uvicorn
 
+    from alignkit.pipeline.stage_models import resolve_model
     from alignkit.serve.app import bind_socket, config_dict, create_app, load_state
 
+    cfg = dataclasses.replace(cfg, model_name_or_path=resolve_model(cfg.model_name_or_path))  # RUN/ppo: that stage's model
     try:
         sock = bind_socket(cfg.host, cfg.port)  # a taken port fails here, with its own message, before the model loads
     except OSError as error:
         raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {error.strerror or error}") from None
     state = load_state(cfg)
     log.info(str({k: v for k, v in config_dict(cfg).items() if v not in ("", 0)}))
-    print(f"serving {state.model_id} on http://{cfg.host}:{cfg.port} (web page at /, API at /v1)", flush=True)
+    log.info(f"serving {state.model_id} on http://{cfg.host}:{cfg.port} (web page at /, API at /v1)")
     try:
         uvicorn.Server(uvicorn.Config(create_app(state), log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
     finally:
@@ -65,11 +69,11 @@ def run_feedback_export(cfg: FeedbackExportConfig) -> None:
 
     if cfg.kind == "demonstrations":
         written = export_demonstrations(cfg.feedback_db, cfg.output, cfg.annotator or None)
-        print(f"wrote {written} demonstration(s) to {cfg.output} (prompt/completion rows for `alignkit sft --dataset`)")
+        log.info(f"wrote {written} demonstration(s) to {cfg.output} (prompt/completion rows for `alignkit sft --dataset`)")
         return
     counts = export_preferences(cfg.feedback_db, cfg.output, cfg.annotator or None)
     written = counts["pairs"] + counts["rankings"]
-    print(f"wrote {written} row(s) to {cfg.output}: {counts['pairs']} pair(s), {counts['rankings']} ranking(s); "
+    log.info(f"wrote {written} row(s) to {cfg.output}: {counts['pairs']} pair(s), {counts['rankings']} ranking(s); "
           f"skipped {counts['skipped_all_tie']} judgment(s) where every response tied")
 
 

@@ -38,7 +38,8 @@ def check_sqlite(flag: str, path: str, must_exist: bool) -> None:
 class ServeConfig:
     """OpenAI-compatible chat server with a web page for chatting and collecting comparisons."""
 
-    model_name_or_path: str = knob("smollm2-135m-instruct", "HF model dir, hub id, or built-in name")
+    model_name_or_path: str = knob("smollm2-135m-instruct", "HF model dir, hub id, built-in name, or a pipeline stage RUN/sft|ppo|dpo",
+                                   positional="MODEL")
     served_model_name: str = knob("", "the `model` id clients send (default: the model's name)")
     host: str = knob("127.0.0.1", "address to listen on; a non-loopback address needs --api_key")
     port: int = knob(8000, "TCP port (0: any free port)", min=0, max=65535)
@@ -71,7 +72,8 @@ class ServeConfig:
 class ChatConfig:
     """Chat in the terminal with streamed replies (/reset, /system, /save FILE, /history)."""
 
-    model_name_or_path: str = knob("smollm2-135m-instruct", "HF model dir, hub id, or built-in name")
+    model_name_or_path: str = knob("smollm2-135m-instruct", "HF model dir, hub id, built-in name, or a pipeline stage RUN/sft|ppo|dpo",
+                                   positional="MODEL")
     system: str = knob("", "system message (change it in the chat with /system)")
     max_new_tokens: int = knob(256, "reply length limit (tokens)", min=1)
     temperature: float = knob(0.7, "sampling temperature; 0 = greedy", min=0, max=2)

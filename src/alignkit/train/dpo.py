@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +36,8 @@ from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_token
 from alignkit.packing import for_attention, supports_custom_masks, tree_mask
 from alignkit.precision import autocast, default_device
 from alignkit.train.loop import Stage, check_engine_flags, load_datasets, train, write_data_report
+
+logger = logging.getLogger(__name__)
 
 # (model being trained, batch) -> reference log-probs [2B] (chosen rows, then rejected rows)
 Reference = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -72,10 +75,10 @@ def build_pairs(source: str, split: str, tokenizer, cfg: DPOConfig, name: str, r
     preferences = load_preferences(source, split, invalid)
     tokenized = tokenize_preferences(preferences, tokenizer, Formatting(cfg.use_chat_template, cfg.separator), cfg.max_length, cfg.truncation)
     pairs = [DPOPair(t.prompt_ids, t.response_ids[w], t.response_ids[l]) for t in tokenized.examples for w, l in t.pairs]
-    print(f"{name} ({source}): {len(tokenized.examples)} prompts -> {len(pairs)} pairs; "
+    logger.info(f"{name} ({source}): {len(tokenized.examples)} prompts -> {len(pairs)} pairs; "
           f"{tokenized.truncated} prompts cut from the left, {tokenized.dropped} dropped (longer than --max_length {cfg.max_length})")
     if invalid.total:
-        print(invalid.summary())
+        logger.info(invalid.summary())
     report[name] = {"source": source, "prompts": len(tokenized.examples), "pairs": len(pairs), "truncated": tokenized.truncated,
                     "dropped": tokenized.dropped, "invalid_skipped": dict(invalid.counts)}
     return pairs
@@ -247,7 +250,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if cfg.use_peft and not starting_adapter:
         model = apply_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules))
     if cfg.loss_type == "simpo" and (cfg.ref_model or cfg.precompute_ref_log_probs):
-        print("simpo is reference-free: --ref_model / --precompute_ref_log_probs are ignored")
+        logger.warning("simpo is reference-free: --ref_model / --precompute_ref_log_probs are ignored")
     reference = make_reference(cfg, model, starting_adapter)
     pad_id = tokenizer.pad_token_id
     shared = supports_custom_masks(model) and (not hasattr(reference, "model") or supports_custom_masks(reference.model))

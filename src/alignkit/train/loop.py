@@ -35,6 +35,8 @@ from alignkit.train.checkpoint import (  # noqa: F401  (find_checkpoint, trainab
     trainable_state,
 )
 from alignkit.precision import autocast, resolve_mixed_precision
+from alignkit.progress import progress_bar
+from alignkit.train import sharding
 from alignkit.train.metrics import MetricsLog  # noqa: F401  (benchmarks time steps by wrapping MetricsLog.write)
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Stage:
-    """What a trainer tells the loop."""
+    """A batch-loss stage (SFT, RM, DPO): what the trainer tells the loop."""
 
     model: torch.nn.Module
     train_examples: list
@@ -97,6 +99,9 @@ def load_datasets(cfg: TrainConfig, build: Callable[[str, str, str, dict], list]
     eval_examples = build(cfg.eval_dataset, eval_split, "eval", report) if cfg.eval_dataset else None
     if not train_examples:
         raise ValueError(f"{cfg.dataset}: no usable {what} left (see the counts above)")
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the trainer builds its model next: fresh LoRA adapters and heads are random, and must follow --seed
     return train_examples, eval_examples, report
 
 
@@ -220,21 +225,22 @@ def micro_batches(num_examples: int, batch_size: int, seed: int, start: int = 0)
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
-def check_sharding_backend() -> None:
-    """accelerate (1.15) turns on FSDP and DeepSpeed only on GPUs and other accelerators: on a CPU-only machine
-    an `accelerate launch --config_file configs/accelerate/fsdp.yaml` run would silently train as plain DDP (or
-    each process alone). Refuse instead of pretending; see docs/distributed.md."""
-    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "false").lower() == "true" and not torch.cuda.is_available():
-            raise ValueError(f"the accelerate config asks for {name} ({variable}=true), which accelerate runs only on GPUs; this machine "
-                             "has none. On CPU use configs/accelerate/ddp.yaml (DDP over gloo) or torchrun")
+def check_sharding_backend(cfg: TrainConfig) -> None:
+    """accelerate (1.15) turns on FSDP and DeepSpeed only on GPUs: on a CPU-only machine FSDP runs through
+    alignkit.train.sharding (its supported settings checked here), and DeepSpeed, which needs CUDA, is refused
+    instead of silently training as plain DDP; see docs/distributed.md."""
+    if sharding.fsdp_requested():
+        sharding.check_fsdp_config(cfg)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        raise ValueError("the accelerate config asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), which needs CUDA GPUs; this machine "
+                         "has none. On CPU use configs/accelerate/fsdp.yaml (FSDP2) or configs/accelerate/ddp.yaml (DDP over gloo)")
 
 
 def check_engine_flags(cfg: TrainConfig) -> None:
     """The engine's flags, checked before any model loads: --mixed_precision is resolved ("auto" -> bf16 | no,
     fp16 off CUDA refused) and --report_to must name a destination that is available."""
     cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
-    check_sharding_backend()
+    check_sharding_backend(cfg)
     if cfg.report_to not in REPORT_TO:
         raise ValueError(f"--report_to must be one of {' | '.join(REPORT_TO)}, got {cfg.report_to!r}")
     if cfg.report_to == "wandb":
@@ -242,15 +248,6 @@ def check_engine_flags(cfg: TrainConfig) -> None:
             import wandb  # noqa: F401
         except ImportError:
             raise ValueError("--report_to wandb needs the wandb package (pip install wandb); --report_to tensorboard works offline") from None
-
-
-def progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not enabled,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,11 +267,11 @@ def evaluate(stage: Stage, accelerator, model, cfg: TrainConfig) -> dict[str, fl
     model.eval()
     examples = stage.eval_examples or []
     totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=accelerator.device)}
-    mine = examples[accelerator.process_index :: accelerator.num_processes]
-    for start in range(0, len(mine), cfg.per_device_eval_batch_size):
-        chunk = mine[start : start + cfg.per_device_eval_batch_size]
+    for chunk, counted in sharding.eval_chunks(model, examples, accelerator.process_index, accelerator.num_processes, cfg.per_device_eval_batch_size):
         with forward_context(cfg, accelerator.device):
             loss_sum, metrics = stage.loss(model, _to_device(stage.collate(chunk), accelerator.device))
+        if not counted:
+            continue  # FSDP: a forward that only takes part in the other processes' weight gathering
         totals["loss"] += loss_sum.detach().float()
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0) + value.detach().float()
@@ -383,6 +380,11 @@ def _batch_loss_row(stage: Stage, engine: Engine, stream, window: Window, state:
             **({"nonfinite_skipped": state["nonfinite_skipped"]} if cfg.skip_nonfinite else {})}
 
 
+def _status(row: dict) -> str:
+    loss = "skipped" if row["loss"] is None else f"{row['loss']:.4f}"
+    return f"loss {loss}  {row['tokens_per_second']:.0f} tok/s"
+
+
 # ---------------------------------------------------------------------------------------------
 # the shell
 
@@ -398,7 +400,6 @@ def _resume(cfg: TrainConfig, accelerator, model, optimizer, scheduler, output_d
     if accelerator.is_main_process:
         drop_later_checkpoints(output_dir, state["step"])
     logger.info("resumed from %s at step %d", checkpoint, state["step"])
-    accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
     return state, process_state
 
 
@@ -422,7 +423,7 @@ def train(stage: Stage | Iterations, cfg: TrainConfig) -> dict:
     optimizer = make_optimizer(model, cfg)
     steps = total_steps(cfg, len(stage.train_examples), world) if batch_loss else stage.steps
     scheduler = make_scheduler(optimizer, cfg, steps if batch_loss else stage.schedule_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = sharding.prepare(accelerator, model, optimizer)  # FSDP where accelerate would not shard (CPU)
     engine = Engine(accelerator, model, optimizer, scheduler, cfg)
 
     state, process_state = _resume(cfg, accelerator, model, optimizer, scheduler, output_dir)
@@ -449,8 +450,7 @@ def train(stage: Stage | Iterations, cfg: TrainConfig) -> dict:
             if logging_step:
                 last_row = {"step": step, **row}
                 log.write(last_row)
-                loss = "skipped" if last_row.get("loss", 0) is None else f"{last_row['loss']:.4f}"
-                progress.update(bar, status=f"loss {loss}  {last_row['tokens_per_second']:.0f} tok/s" if batch_loss else stage.status(last_row))
+                progress.update(bar, status=_status(last_row) if batch_loss else stage.status(last_row))
             if batch_loss and stage.eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps):
                 eval_row = {"step": step, **evaluate(stage, accelerator, model, cfg)}
                 log.write(eval_row)
@@ -466,7 +466,8 @@ def train(stage: Stage | Iterations, cfg: TrainConfig) -> dict:
 
     log.close()
     accelerator.wait_for_everyone()
+    final = sharding.final_model(accelerator, model)  # under FSDP every process takes part in gathering the weights
     if accelerator.is_main_process:
-        save_final_model(lambda folder: stage.save(accelerator.unwrap_model(model), folder), output_dir)
+        save_final_model(lambda folder: stage.save(final, folder), output_dir)
     accelerator.wait_for_everyone()
     return last_row

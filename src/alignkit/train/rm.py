@@ -19,6 +19,7 @@ metrics.jsonl when training ends).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from alignkit.packing import supports_custom_masks, tree_mask
 from alignkit.precision import autocast
 from alignkit.reward_model import RewardModel, init_head, load_reward_model, score_sequences, write_normalization
 from alignkit.train.loop import Stage, check_engine_flags, load_datasets, train, write_data_report
+
+logger = logging.getLogger(__name__)
 
 
 def formatting(cfg: RMConfig) -> Formatting:
@@ -136,9 +139,9 @@ def build_examples(source: str, split: str, tokenizer, cfg: RMConfig, name: str,
     pairs = sum(len(e.pairs) for e in tokenized.examples)
     notes = [f"{tokenized.truncated} prompts cut from the left to fit --max_length"] if tokenized.truncated else []
     notes += [f"{tokenized.dropped} dropped (longer than --max_length {cfg.max_length})"] if tokenized.dropped else []
-    print(f"{name} ({source}): {len(tokenized.examples)} prompts, {pairs} pairs" + "".join(f", {n}" for n in notes))
+    logger.info(f"{name} ({source}): {len(tokenized.examples)} prompts, {pairs} pairs" + "".join(f", {n}" for n in notes))
     if invalid.total:
-        print(invalid.summary())
+        logger.info(invalid.summary())
     report[name] = {"source": source, "prompts": len(tokenized.examples), "pairs": pairs, "truncated": tokenized.truncated,
                     "dropped": tokenized.dropped, "invalid_skipped": dict(invalid.counts)}
     return tokenized.examples
@@ -176,7 +179,7 @@ def normalize(cfg: RMConfig, tokenizer) -> dict:
     rewards = torch.tensor(scores, dtype=torch.float64)
     mean, std = rewards.mean().item(), rewards.std().item() if len(rewards) > 1 else 0.0
     publish_normalization(Path(cfg.output_dir), mean, std, cfg.normalize_dataset)
-    print(f"normalized on {len(sequences)} responses of {cfg.normalize_dataset}: mean {mean:.4f} -> 0 (std {std:.4f})")
+    logger.info(f"normalized on {len(sequences)} responses of {cfg.normalize_dataset}: mean {mean:.4f} -> 0 (std {std:.4f})")
     return {"normalize_mean": mean, "normalize_std": std}
 
 

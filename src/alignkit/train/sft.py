@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,8 @@ from alignkit.data.tokenize import Formatting, pack, tokenize_all
 from alignkit.losses import weighted_cross_entropy_sum
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, selected_logits
 from alignkit.train.loop import Stage, check_engine_flags, load_datasets, train, write_data_report
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,9 +75,9 @@ def build_examples(source: str, split: str, tokenizer, cfg: SFTConfig, name: str
     invalid = InvalidRows(skip=cfg.skip_invalid)
     rows, fmt = load_sft_examples(source, split, invalid)
     tokenized = tokenize_all(rows, tokenizer, formatting(cfg), cfg.max_length, cfg.truncation)
-    print(f"{name} ({source}): format {fmt}; {tokenized.summary('kept')}")
+    logger.info(f"{name} ({source}): format {fmt}; {tokenized.summary('kept')}")
     if invalid.total:
-        print(invalid.summary())
+        logger.info(invalid.summary())
     report[name] = {
         "source": source, "format": fmt, "examples": len(tokenized.input_ids), "truncated": tokenized.truncated,
         "dropped": dict(tokenized.dropped), "invalid_skipped": dict(invalid.counts),
@@ -93,7 +96,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     if cfg.packing:
         train_examples = pack_examples(train_examples, cfg.max_length)
         report["train"]["packed_rows"] = len(train_examples)
-        print(f"packed into {len(train_examples)} rows of at most {cfg.max_length} tokens")
+        logger.info(f"packed into {len(train_examples)} rows of at most {cfg.max_length} tokens")
     write_data_report(cfg, report)
 
     model = load_causal_lm(cfg.model_name_or_path)

@@ -1,0 +1,175 @@
+"""FSDP2 (torch's `fully_shard`) behind accelerate's FSDP config, on any device, CPU included.
+
+`accelerate launch --config_file configs/accelerate/fsdp.yaml` exports the config as ACCELERATE_USE_FSDP and
+FSDP_* variables. accelerate 1.15 acts on them only when the process group is of a GPU-like kind: on a CPU
+(gloo) its state is MULTI_CPU and it would wrap the model in plain DDP. So where accelerate would not shard,
+this module does what its FSDP2 path does (in outline), from the same variables: one `fully_shard` unit per decoder layer
+(the classes the config names, or the model's `_no_split_modules`), then the root, which keeps what is left
+(embeddings, final norm, heads). Where accelerate does shard (GPUs), it is left to accelerate.
+
+Every forward must enter through the root's `forward` (its hook gathers the root's parameters): the loss
+helpers see an FSDP model and call the whole model, as under DDP (`alignkit.models.trunk_and_head`).
+Gradients are reduce-scattered and averaged over processes as DDP averages them, so the loop's scaling holds.
+The final save gathers one full state dict on rank 0 into an unsharded copy of the model made on the meta
+device before sharding (no memory), which the stage saves as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import weakref
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# sharded model -> its unsharded twin on the meta device (filled with the full weights at the final save)
+_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _flag(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).lower() == "true"
+
+
+def fsdp_requested() -> bool:
+    """The accelerate config asks for FSDP (`distributed_type: FSDP`, exported as ACCELERATE_USE_FSDP=true)."""
+    return _flag("ACCELERATE_USE_FSDP")
+
+
+def accelerate_shards(accelerator) -> bool:
+    """Whether accelerate itself applies FSDP here (GPUs); otherwise (CPU) this module does."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_fsdp_config(cfg) -> None:
+    """What alignkit's FSDP runs support, checked before any model loads (ValueError naming the setting): the
+    batch-loss trainers (SFT, RM, DPO), not PPO; no sharded checkpoints yet; without a GPU (this module's own path)
+    FSDP2 only, without offloading or accelerate's activation checkpointing."""
+    from alignkit.config import PPOConfig
+
+    if isinstance(cfg, PPOConfig):
+        raise ValueError("alignkit ppo (and rloo, grpo) does not run under FSDP yet: its rollout calls the policy outside the "
+                         "sharded model's forward, and processes sample different numbers of tokens. Use "
+                         "configs/accelerate/ddp.yaml (or torchrun)")
+    if not torch.cuda.is_available():
+        _check_cpu_settings()
+    if cfg.save_steps or cfg.resume_from_checkpoint:
+        flag = "--save_steps" if cfg.save_steps else "--resume_from_checkpoint"
+        raise ValueError(f"{flag}: checkpoints of FSDP-sharded runs (sharded optimizer state) are not supported yet; "
+                         "use --save_steps 0 under FSDP, or checkpoint under configs/accelerate/ddp.yaml")
+
+
+def _check_cpu_settings() -> None:
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(f"the accelerate config asks for FSDP version {version} (fsdp_version); without a GPU alignkit runs FSDP2 "
+                         "only: set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
+    if _flag("FSDP_OFFLOAD_PARAMS"):
+        raise ValueError("the accelerate config sets fsdp_offload_params: true; on a CPU the parameters are already in host memory: "
+                         "set it to false")
+    if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        raise ValueError("the accelerate config sets fsdp_activation_checkpointing: true; use alignkit's --gradient_checkpointing "
+                         "instead (set it to false)")
+
+
+def layer_classes(model: torch.nn.Module) -> set[str]:
+    """The class names of the shard units: FSDP_TRANSFORMER_CLS_TO_WRAP (comma-separated) or else the
+    `_no_split_modules` of the transformers models inside `model` (a peft or reward-model wrapper too)."""
+    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    if named:
+        return {name.strip() for name in named.split(",") if name.strip()}
+    classes: set[str] = set()
+    for module in model.modules():
+        classes.update(getattr(module, "_no_split_modules", None) or [])
+    if not classes:
+        raise ValueError(f"{type(model).__name__}: no decoder-layer class to shard by (no _no_split_modules); name it with "
+                         "fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+    return classes
+
+
+def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters live on the meta device (no memory); buffers and settings are copied.
+    Tied parameters stay tied (deepcopy's memo maps each parameter once)."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """`fully_shard` each decoder layer, then the root, over all processes (in place; returns the model)."""
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.no_grad():  # each process keeps its slice of its own copy: start all from rank 0's, as DDP does
+        for tensor in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(tensor, src=0)
+    reshard = _flag("FSDP_RESHARD_AFTER_FORWARD", "true")
+    classes = layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no module of class {', '.join(sorted(classes))} to shard")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+    # what this process really holds (tests read this line: under a silent fall-back to DDP it would be everything)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("FSDP2: rank %d holds %d of %d parameter elements (%d units of %s, plus the root)", torch.distributed.get_rank(),
+                local, total, len(layers), ", ".join(sorted(classes)))
+    return model
+
+
+def prepare(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """accelerator.prepare(model, optimizer); under FSDP, sharding the model here where accelerate would not (CPU),
+    and pointing the optimizer, built on the unsharded parameters, at their shards. Under FSDP (either way) an
+    unsharded copy on the meta device is kept for the final save."""
+    if not fsdp_requested() or accelerator.num_processes == 1:
+        return accelerator.prepare(model, optimizer)
+    twin = meta_twin(model)
+    if accelerate_shards(accelerator):  # GPUs: accelerate's own FSDP2 path (not run by alignkit's tests)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        names = {id(p): name for name, p in model.named_parameters()}
+        shard(model)
+        sharded = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        optimizer = accelerator.prepare(optimizer)  # not the model: accelerate would wrap it in DDP
+    _SKELETONS[model] = twin
+    return model, optimizer
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return model in _SKELETONS
+
+
+def final_model(accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model to save: accelerate's unwrapped model, or for an FSDP-sharded one its unsharded copy holding the
+    full weights, gathered onto rank 0 (every process must call this; the others get None)."""
+    if not is_sharded(model):
+        return accelerator.unwrap_model(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    twin = _SKELETONS[model]
+    twin.load_state_dict(full, assign=True, strict=True)
+    if hasattr(twin, "tie_weights"):
+        twin.tie_weights()  # assign=True gives each tied name its own tensor; make them one again
+    return twin
+
+
+def eval_chunks(model: torch.nn.Module, examples: list, rank: int, world: int, size: int) -> list[tuple[list, bool]]:
+    """This process's evaluation batches, (examples, counted): its share, examples[rank::world], by `size`. Under
+    FSDP every forward gathers weights from all processes, so every process must run as many: one with fewer
+    batches runs extra, uncounted ones (on the first examples) until it has as many as the largest share."""
+    mine = examples[rank::world]
+    chunks = [(mine[start : start + size], True) for start in range(0, len(mine), size)]
+    if is_sharded(model) and examples:
+        most = math.ceil(math.ceil(len(examples) / world) / size)
+        chunks += [(examples[:size], False)] * (most - len(chunks))
+    return chunks
