@@ -116,6 +116,11 @@ STAGE = Stage(
         "| {time_to_first_step_s:.1f} | {end_to_end_s:.1f} | {peak_rss_mb:.0f} | {first_loss:.4f} "
         "| {other_cores_busy:.2f}",
     extra_ratios={"tokens_per_cpu_s (alignkit/trl)": "steady_cpu_tokens_per_s"},
+    flops_per_token=lambda tool, trunk, head: (6 if tool.endswith("precompute") else 8) * trunk,
+    flops_note="DPO: 8·N_trunk FLOPs per counted token (prompt+chosen and prompt+rejected: the policy's forward and "
+               "backward 6N plus the reference's forward 2N; 6N with precomputed reference log-probs, whose pass runs "
+               "before step 1; the LM head left out, as for SFT: a lower bound of the useful arithmetic; so are "
+               "the prompts alignkit computes once per pair, counted twice as TRL computes them).",
     ratio_columns="alignkit variant vs the same TRL variant | tokens/s alignkit/TRL (wall) | tokens per CPU s "
                   "alignkit/TRL | end-to-end TRL/alignkit | 1st step TRL/alignkit | peak RSS alignkit/TRL",
 )

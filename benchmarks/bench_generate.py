@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Sampling speed: alignkit's sampler (`alignkit.generation.generate`) against transformers' `model.generate`.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_generate.py [--batches 1,4,16,64] [--modes greedy,top_p]
+    OMP_NUM_THREADS=1 python benchmarks/bench_generate.py [--batches 1,4,16,64:16] [--modes greedy,top_p]
         [--new-tokens 32] [--repeats 2] [--dtype float32|bfloat16] [--device cpu|cuda] [--random-weights]
 
 Both tools get the same model (SmolLM2-135M-Instruct, the built-in `smollm2-135m-instruct`), the same token ids
 (chat-templated short instructions of varying length, left-padded to one batch) and the same settings: greedy, or
-sampling at temperature 1 with top_p 0.9 (top_k off), exactly `--new-tokens` new tokens per row (no stop tokens on
+sampling at temperature 1 with top_p 0.9 (top_k off), exactly `--new-tokens` new tokens per row (`B:N` in
+`--batches` gives batch B its own N: the slow large batches fewer) (no stop tokens on
 either side: alignkit `stop_token_ids=()`, transformers `eos_token_id=None`), weights in `--dtype`, torch.no_grad.
 `alignkit generate`, PPO rollouts, `alignkit eval` and the server all sample through the measured function.
 
@@ -220,7 +221,7 @@ def summarize(runs: list[dict], batches: list[int], modes: list[str]) -> dict:
                 "prefill (transformers/alignkit ms)": round(t["prefill_ms"] / a["prefill_ms"], 2),
                 "total tokens/s": round(a["tokens_per_s"] / t["tokens_per_s"], 2),
             }}
-            if mode == "greedy":
+            if mode == "greedy" and all("tokens" in r["modes"][mode] for r in runs if r["batch"] == b):
                 pairs = [(x, y) for ra in runs if ra["batch"] == b and ra["tool"] == "alignkit"
                          for rt in runs if rt["batch"] == b and rt["tool"] == "transformers" and rt["repeat"] == ra["repeat"]
                          for x, y in zip(ra["modes"][mode]["tokens"], rt["modes"][mode]["tokens"])]
@@ -233,21 +234,26 @@ def summarize(runs: list[dict], batches: list[int], modes: list[str]) -> dict:
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = ["| batch | mode | alignkit decode tokens/s | transformers decode tokens/s | ratio | ratio (CPU time) "
-             "| prefill ms alignkit / transformers | total tokens/s ratio | peak RSS MB alignkit / transformers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| prefill ms alignkit / transformers | prefill CPU ms alignkit / transformers | total tokens/s ratio "
+             "| peak RSS MB alignkit / transformers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, entry in results["table"].items():
         batch, mode = key.split("/")
         a, t, r = entry["median"]["alignkit"], entry["median"]["transformers"], entry["ratios"]
         lines.append(f"| {batch} | {mode} | {a['decode_tokens_per_s']:.1f} | {t['decode_tokens_per_s']:.1f} | "
                      f"**{r['decode tokens/s']:.2f}×** | {r['decode tokens per CPU s']:.2f}× | {a['prefill_ms']:.0f} / {t['prefill_ms']:.0f} | "
+                     f"{a['prefill_cpu_ms']:.0f} / {t['prefill_cpu_ms']:.0f} | "
                      f"{r['total tokens/s']:.2f}× | {a['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} |")
     loads = [r["load1_at_start"] for r in results["runs"]]
     others = [r["other_cores_busy"] for r in results["runs"]]
     equal = {k: e["greedy_tokens_equal"] for k, e in results["table"].items() if "greedy_tokens_equal" in e}
-    lines += ["", f"Medians of {s['repeats']} alternating runs per tool and batch; {s['new_tokens']} new tokens per row "
-              f"(decode = the last {s['new_tokens'] - 1}); {s['machine']}; load average (1 min) at the runs' starts "
+    per_batch = s["new_tokens"] if isinstance(s["new_tokens"], dict) else dict.fromkeys(s["batches"], s["new_tokens"])
+    tokens = ", ".join(f"{n} at batch {b}" for b, n in per_batch.items())
+    lines += ["", f"Medians of {s['repeats']} alternating runs per tool and batch; new tokens per row: {tokens} "
+              f"(decode = all but the first); {s['machine']}; load average (1 min) at the runs' starts "
               f"{min(loads):.1f}–{max(loads):.1f}, other processes busy {min(others):.2f}–{max(others):.2f} cores; "
-              f"greedy tokens equal to transformers': " + ", ".join(f"batch {k.split('/')[0]} {v:.0%}" for k, v in equal.items())
+              + ("greedy tokens equal to transformers': " + ", ".join(f"batch {k.split('/')[0]} {v:.0%}" for k, v in equal.items())
+                 if equal else "greedy tokens not compared (not recorded)")
               + "; versions: " + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + "."]
     return "\n".join(lines)
 
@@ -277,7 +283,8 @@ def versions(threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes")
+    parser.add_argument("--batches", default="1,4,16,64:16",
+                        help="comma-separated batch sizes; B:N gives batch B N new tokens instead of --new-tokens")
     parser.add_argument("--modes", default="greedy,top_p", help=f"comma-separated, of {','.join(MODES)}")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -297,11 +304,11 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, json.loads(args.job))
     try:
-        batches = [int(b) for b in args.batches.split(",")]
+        tokens_at = {int(b): int(n or args.new_tokens) for b, _, n in (item.partition(":") for item in args.batches.split(","))}
     except ValueError:
-        parser.error(f"--batches: comma-separated integers, got {args.batches!r}")
-    modes = args.modes.split(",")
-    if any(b < 1 for b in batches) or not set(modes) <= set(MODES) or args.new_tokens < 2 or args.repeats < 1:
+        parser.error(f"--batches: comma-separated integers B or B:N, got {args.batches!r}")
+    batches, modes = list(tokens_at), args.modes.split(",")
+    if any(b < 1 for b in batches) or not set(modes) <= set(MODES) or min(tokens_at.values()) < 2 or args.repeats < 1:
         parser.error(f"--batches ≥ 1, --modes of {sorted(MODES)}, --new-tokens ≥ 2, --repeats ≥ 1")
     output = Path(args.output)
     if args.docs_only:
@@ -313,14 +320,14 @@ def main() -> None:
     for batch in batches:
         for repeat in range(args.repeats):
             for tool in TOOLS if repeat % 2 == 0 else TOOLS[::-1]:
-                runs.append(run_one(tool, {**job, "batch": batch, "repeat": repeat}))
+                runs.append(run_one(tool, {**job, "batch": batch, "repeat": repeat, "new_tokens": tokens_at[batch]}))
                 brief = {m: {k: v for k, v in r.items() if k != "tokens"} for m, r in runs[-1]["modes"].items()}
                 print(json.dumps({**{k: v for k, v in runs[-1].items() if k != "modes"}, **brief}), flush=True)
     machine = (f"{os.cpu_count()}-core CPU ({platform.machine()}, {platform.processor() or 'shared'})" if args.device == "cpu"
                else "GPU") + f", {args.dtype} weights, torch threads {args.threads or 'default'}"
     if args.random_weights:
         machine += ", random weights of SmolLM2-135M's shape"
-    results = {"settings": {"repeats": args.repeats, "new_tokens": args.new_tokens, "batches": batches, "modes": modes,
+    results = {"settings": {"repeats": args.repeats, "new_tokens": tokens_at, "batches": batches, "modes": modes,
                             "machine": machine, "versions": versions(args.threads), "sampling": MODES},
                "table": summarize(runs, batches, modes), "runs": runs}
     write_atomic(output, json.dumps(results, indent=1))

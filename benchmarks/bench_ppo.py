@@ -119,7 +119,7 @@ def worker_alignkit(job: dict, value_head: bool, padded: bool) -> dict:
         num_ppo_epochs=job["epochs"], max_new_tokens=job["response_length"], temperature=1.0, learning_rate=job["lr"],
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, kl_coef=0.05, kl_estimator="k1", cliprange=0.2,
         cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, seed=42, logging_steps=1, progress=False, use_chat_template="yes",
-        shared_prefix_tokens=0 if padded else -1,
+        shared_prefix_tokens=0 if padded else -1, mixed_precision="bf16" if job.get("bf16") else "no",
     ))
     rows = [json.loads(line) for line in Path(job["out"], "metrics.jsonl").read_text().splitlines()]
     generated = [r["response_length"] * job["batch"] for r in rows]
@@ -190,7 +190,7 @@ def worker_trl(job: dict) -> dict:
         response_length=job["response_length"], stop_token="eos", temperature=1.0, learning_rate=job["lr"],
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, kl_coef=0.05, kl_estimator="k1", cliprange=0.2,
         cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, whiten_rewards=False, missing_eos_penalty=None,
-        num_sample_generations=0, seed=42, gradient_checkpointing=False, bf16=False, use_cpu=True, report_to=[],
+        num_sample_generations=0, seed=42, gradient_checkpointing=False, bf16=bool(job.get("bf16")), use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1, disable_tqdm=True,
     )
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,

@@ -92,6 +92,10 @@ STAGE = Stage(
     row="{steady_tokens_per_s:.0f} | {steady_tokens_per_cpu_s:.0f} | {steady_step_ms:.0f} | "
         "{time_to_first_step_s:.1f} | {end_to_end_s:.1f} | {peak_rss_mb:.0f} | {other_cores_busy:.2f}",
     extra_ratios={"tokens_per_cpu_s (alignkit/trl)": "steady_tokens_per_cpu_s"},
+    flops_per_token=lambda tool, trunk, head: 6 * trunk,
+    flops_note="RM: 6·N_trunk FLOPs per counted token (prompt+chosen and prompt+rejected: forward and backward "
+               "of the trunk; no LM head, the scalar head is negligible; alignkit computes each prompt once, so "
+               "this counts the work TRL's layout needs; attention's T² terms left out).",
     ratio_columns="tool | tokens/s vs TRL | tokens per CPU s vs TRL | end-to-end TRL/alignkit | 1st step TRL/alignkit "
                   "| peak RSS alignkit/TRL",
 )

@@ -79,6 +79,11 @@ STAGE = Stage(
     extra_ratios={"median-step tokens_per_s (alignkit/trl)": "median_step_tokens_per_s",
                   "best-step tokens_per_s (alignkit/trl)": "best_step_tokens_per_s"},
     ratios_per_tool=False,
+    flops_per_token=lambda tool, trunk, head: 6 * trunk,
+    flops_note="SFT: 6·N_trunk FLOPs per non-padding token (forward 2N + backward 4N of the trunk's weights; the LM "
+               "head is left out because the tools differ in where they apply it, alignkit on completion positions "
+               "only, TRL on every position, so this is a lower bound of the useful arithmetic; attention's T² "
+               "terms, < 5% at these lengths, too).",
     ratio_columns="tokens/s alignkit/TRL | median-step tokens/s alignkit/TRL | best-step tokens/s alignkit/TRL "
                   "| end-to-end TRL/alignkit | 1st step TRL/alignkit | peak RSS alignkit/TRL",
 )

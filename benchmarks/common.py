@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,9 @@ class Stage:
     notes: Callable[[dict], list[str]] = no_notes  # lines under the ratio table
     options: Callable[[argparse.ArgumentParser], None] = no_options  # the stage's own flags
     pick_tools: Callable[[argparse.Namespace], list[str]] | None = None  # which tools run; None: all
+    # (tool, trunk params, LM-head params) -> model FLOPs per counted token, for MFU; None: no MFU for the stage
+    flops_per_token: Callable[[str, int, int], float] | None = None
+    flops_note: str = ""  # the formula behind flops_per_token, for the note under the table
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -229,6 +233,69 @@ def preference_file(case: str, name: str, max_self_instruct: int | None = None) 
     return str(data)
 
 
+# ---------------------------------------------------------------------------------------------- FLOPs
+
+
+PEAK_SIZE = 2048  # the matmul of the peak: (n × n) @ (n × n)ᵀ, an nn.Linear forward's layout
+
+
+def matmul_peaks(device: str = "cpu", seconds: float = 10.0) -> dict:
+    """The machine's fp32 and bf16 matmul speed, GFLOP/s: the best of up to 5 timed `F.linear(a, b)` = a @ bᵀ
+    of PEAK_SIZE² (2·n³ FLOPs each; one warm-up call first), at most `seconds` per precision, with the threads
+    the workers get (the same OMP_NUM_THREADS). On a CPU without AVX512-BF16/AMX bf16 is emulated: this shows
+    by how much, measured in the same run as the workers it is the yardstick of."""
+    import torch
+    import torch.nn.functional as F
+
+    n, peaks = PEAK_SIZE, {}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        gen = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+        F.linear(a, b)
+        sync()
+        best, best_cpu, spent, reps = float("inf"), float("inf"), 0.0, 0
+        while reps < 5 and (reps == 0 or spent < seconds):
+            start, cpu = time.perf_counter(), time.process_time()
+            F.linear(a, b)
+            sync()
+            took, took_cpu = time.perf_counter() - start, time.process_time() - cpu
+            best, best_cpu, spent, reps = min(best, took), min(best_cpu, took_cpu), spent + took, reps + 1
+        peaks[name] = round(2 * n**3 / best / 1e9, 2)
+        # per CPU second of the process (all its threads): what a core does while it runs us, which waiting
+        # for a core on a shared machine does not lower; the yardstick of the runs' tokens per CPU second
+        peaks[f"{name}_per_cpu_s"] = round(2 * n**3 / best_cpu / 1e9, 2) if device == "cpu" else None
+        peaks[f"{name}_timed_calls"] = reps
+    return {**peaks, "size": n, "threads": torch.get_num_threads(), "device": device,
+            "load1_at_measure": round(os.getloadavg()[0], 2)}
+
+
+def param_counts(model_dir: str) -> tuple[int, int]:
+    """(trunk, LM head) parameters of a causal LM: the trunk's matmul weights (every parameter but the input
+    embedding and the head), and the head's vocabulary × hidden (counted once, tied or not)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    trunk = sum(p.numel() for p in model.parameters() if p is not embedding and p is not head)
+    return trunk, head.numel()
+
+
+def with_mfu(run: dict, flops_per_token: float | None, peaks: dict, precision: str) -> dict:
+    """The run plus its model FLOP utilisation in %: flops_per_token × steady tokens/s ÷ the matmul peak of
+    `precision`, by the wall clock, and by CPU time (tokens per CPU s ÷ peak per CPU s) where measured."""
+    if not flops_per_token:
+        return run
+    mfu = {"mfu_pct": round(100 * flops_per_token * run["steady_tokens_per_s"] / (peaks[precision] * 1e9), 2)}
+    if peaks.get(f"{precision}_per_cpu_s"):
+        mfu["mfu_cpu_pct"] = round(100 * flops_per_token * run["steady_tokens_per_cpu_s"] / (peaks[f"{precision}_per_cpu_s"] * 1e9), 2)
+    return {**run, **mfu}
+
+
 # ---------------------------------------------------------------------------------------------- one run
 
 
@@ -262,6 +329,9 @@ def median_step_ms(clock: list[float], warmup: int) -> float:
 def run_one(stage: Stage, tool: str, case: str, job: dict, args) -> dict:
     load = wait_for_quiet(args)
     out = WORK / "runs" / f"{stage.name}-{case}-{tool}-{job['repeat']}"
+    # the harness's own scratch directory for this (stage, case, tool, repeat): last time's copy goes, since
+    # alignkit refuses to write into another run's outputs
+    shutil.rmtree(out, ignore_errors=True)
     log_path = out.with_name(out.name + ".log")
     job = {**job, "out": str(out)}
     busy0, start = cpu_jiffies(), time.time()
@@ -286,6 +356,7 @@ def run_one(stage: Stage, tool: str, case: str, job: dict, args) -> dict:
         "end_to_end_s": round(end - start, 2),
         "time_to_first_step_s": round(t[0] - start, 2),
         "steady_tokens_per_s": steady_rate(tokens, t, w),
+        "steady_tokens_per_cpu_s": steady_rate(tokens, trace.cpu, w),  # the worker's own CPU time
         "steady_step_ms": median_step_ms(t, w),
         "tokens_per_step": round(tokens[-1] / len(tokens), 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
@@ -344,11 +415,17 @@ def summarize(stage: Stage, runs: list[dict], tools: list[str]) -> dict:
 
 def table(stage: Stage, results: dict) -> str:
     """The markdown for docs/benchmarks.md: medians per case and tool, ratios, notes, settings."""
-    n_columns = stage.columns.count("|") + 3  # + case, tool
-    lines = [f"| case | tool | {stage.columns} |", "|" + "---|" * n_columns]
+    medians = [m for res in results["cases"].values() for m in res["median"].values()]
+    columns, row = stage.columns, stage.row
+    if all("mfu_cpu_pct" in m for m in medians):
+        columns, row = f"{columns} | MFU % wall / CPU time", f"{row} | {{mfu_pct:.2f}} / {{mfu_cpu_pct:.2f}}"
+    elif all("mfu_pct" in m for m in medians):
+        columns, row = f"{columns} | MFU %", f"{row} | {{mfu_pct:.2f}}"
+    n_columns = columns.count("|") + 3  # + case, tool
+    lines = [f"| case | tool | {columns} |", "|" + "---|" * n_columns]
     for case, res in results["cases"].items():
         for tool, m in res["median"].items():
-            lines.append(f"| {case} | {tool} | {stage.row.format(**m)} |")
+            lines.append(f"| {case} | {tool} | {row.format(**m)} |")
     lines += ["", f"| case | {stage.ratio_columns} |", "|" + "---|" * (stage.ratio_columns.count("|") + 2)]
     for case, res in results["cases"].items():
         # sft.json keeps one flat dict of ratios; the others one per alignkit tool
@@ -360,14 +437,23 @@ def table(stage: Stage, results: dict) -> str:
     if notes:
         lines += ["", *notes]
     s = results["settings"]
+    peaks = s.get("matmul_peak_gflops")
+    if peaks:
+        lines += ["", f"Matmul peak measured in this run (F.linear of {peaks['size']}² matrices, {peaks['threads']} "
+                  f"thread(s), best call): **fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s** "
+                  + (f"by the wall clock, fp32 {peaks['fp32_per_cpu_s']:.1f} and bf16 {peaks['bf16_per_cpu_s']:.1f} "
+                     "per CPU second " if peaks.get("fp32_per_cpu_s") else "")
+                  + f"(load {peaks['load1_at_measure']:.1f} then). MFU = model FLOPs per token × steady tokens/s ÷ the "
+                  f"peak of the precision the run used ({s.get('precision', 'fp32')}); by CPU time: tokens per CPU "
+                  f"second ÷ peak per CPU second. {stage.flops_note}"]
     lines += ["", f"Medians of {s['repeats']} alternating runs per tool; {s['machine']}; versions: "
               + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + ". Settings: "
               + "; ".join(f"{c}: {v}" for c, v in s["cases"].items()) + f". {s['common']}"]
     return "\n".join(lines)
 
 
-def write_docs(stage: Stage, text: str) -> None:
-    start, end = f"<!-- {stage.name}-table:start -->", f"<!-- {stage.name}-table:end -->"
+def write_docs(marker: str, text: str) -> None:
+    start, end = f"<!-- {marker}-table:start -->", f"<!-- {marker}-table:end -->"
     doc = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
     if start not in doc:
         doc += f"\n{start}\n{end}\n"
@@ -376,16 +462,16 @@ def write_docs(stage: Stage, text: str) -> None:
 
 
 def settings(stage: Stage, cases: dict[str, dict], args) -> dict:
-    threads = os.environ.get("OMP_NUM_THREADS")
+    threads, bf16 = os.environ.get("OMP_NUM_THREADS"), args.precision == "bf16"
     machine = (f"{os.cpu_count()}-core CPU ({platform.machine()}, shared), "
-               + (f"OMP_NUM_THREADS={threads}" if threads else "torch default threads") + (", bf16 autocast" if args.bf16 else ""))
+               + (f"OMP_NUM_THREADS={threads}" if threads else "torch default threads") + (", bf16 autocast" if bf16 else ""))
     if args.device == "cuda":
         import torch
 
-        machine = f"{torch.cuda.get_device_name()} GPU, {'bf16 autocast' if args.bf16 else 'fp32'}"
+        machine = f"{torch.cuda.get_device_name()} GPU, {'bf16 autocast' if bf16 else 'fp32'}"
         machine += ", random weights of SmolLM2-135M's shape" if args.random_weights else ""
     return {
-        "repeats": args.repeats, "versions": versions(),
+        "repeats": args.repeats, "versions": versions(), "precision": args.precision,
         "machine": machine,
         "cases": {c: dict(v) | ({"tiny_model": TINY} if v["model"] == "tiny" else {}) for c, v in cases.items()},
         "common": stage.settings,
@@ -409,10 +495,12 @@ def parse_args(stage: Stage) -> argparse.Namespace:
                         "at most half of them); keep such results out of benchmarks/results with --output")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: both tools train on the GPU (alignkit picks it by itself; TRL gets use_cpu=False)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (fp32 weights)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: bf16 autocast on both sides, fp32 master weights (alignkit --mixed_precision bf16, "
+                             "TRL bf16=True); results go to results/<stage>_bf16.json and the <stage>-bf16-table markers")
     parser.add_argument("--random-weights", action="store_true",
                         help="the smollm cases use a random model of SmolLM2-135M's shape (no built-in weights needed)")
-    parser.add_argument("--output", default=str(HERE / "results" / f"{stage.name}.json"))
+    parser.add_argument("--output", help="the results JSON (default: results/<stage>.json, results/<stage>_bf16.json)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
     parser.add_argument("--docs-only", action="store_true", help="run nothing: rebuild the table from --output")
     parser.add_argument("--worker", choices=stage.tools, help=argparse.SUPPRESS)
@@ -420,6 +508,9 @@ def parse_args(stage: Stage) -> argparse.Namespace:
     args = parser.parse_args()
     if args.steps is not None and args.steps < 2:
         parser.error("--steps must be at least 2: one warm-up step and one steady step")
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    args.output = args.output or str(HERE / "results" / f"{stage.name}{suffix}.json")
+    args.marker = stage.name + suffix.replace("_", "-")  # sft-table, sft-bf16-table
     return args
 
 
@@ -433,7 +524,7 @@ def case_settings(stage: Stage, args) -> dict[str, dict]:
 def report(stage: Stage, results: dict, args) -> None:
     text = table(stage, results)
     if not args.no_docs:
-        write_docs(stage, text)
+        write_docs(args.marker, text)
     print(text)
 
 
@@ -456,6 +547,10 @@ def main(stage: Stage) -> None:
     (WORK / "runs").mkdir(parents=True, exist_ok=True)
     results = json.loads(output.read_text()) if output.exists() else {"cases": {}}
     run_settings = settings(stage, cases, args)
+    # the yardstick of MFU, once per run, on as quiet a machine as the runs get
+    wait_for_quiet(args)
+    peaks = run_settings["matmul_peak_gflops"] = matmul_peaks(args.device)
+    print(json.dumps({"matmul_peak_gflops": peaks}), flush=True)
     # warm the page cache, so that the first run's start-up does not pay for reading the libraries from disk
     subprocess.run([sys.executable, "-c", f"import trl, alignkit.train.{stage.name}"], check=True)
     for case in cases if args.which == "both" else [args.which]:
@@ -463,16 +558,20 @@ def main(stage: Stage) -> None:
         if prepared is None:
             continue
         model, data = prepared
+        counts = param_counts(model)
         runs, contended = [], []
         for repeat in range(args.repeats):
             for tool in tools:  # alternating: A B A B (A B C D ... with more tools)
                 job = {**cases[case], "model": model, "data": data, "repeat": repeat,
-                       **({"device": "cuda"} if args.device == "cuda" else {}), **({"bf16": True} if args.bf16 else {})}
+                       **({"device": "cuda"} if args.device == "cuda" else {}),
+                       **({"bf16": True} if args.precision == "bf16" else {})}
                 run, aside = run_quietest(stage, tool, case, job, args)
-                runs.append(run)
-                contended += aside
+                flops = stage.flops_per_token(tool, *counts) if stage.flops_per_token else None
+                runs.append(with_mfu(run, flops, peaks, args.precision))
+                contended += [with_mfu(r, flops, peaks, args.precision) for r in aside]
         summary = summarize(stage, runs, tools)
-        results["cases"][case] = {"runs": runs, **summary, "discarded_contended_runs": contended}
+        results["cases"][case] = {"runs": runs, **summary, "discarded_contended_runs": contended,
+                                  "params": {"trunk": counts[0], "lm_head": counts[1]}}
         print(case, *(json.dumps(v) for k, v in summary.items() if k != "median"), flush=True)
     results["settings"] = run_settings
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ fi
 export ALIGNKIT_CACHE=$PWD/.gpucache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers, trl, datasets, alignkit; print(torch.__version__, torch.cuda.get_device_name(), transformers.__version__, trl.__version__)" || exit 1
 python3 -c "from datasets import Dataset; Dataset.from_list([{'a': 1}]).map(lambda r: {'b': r['a']})" || exit 1
-common="--device cuda --bf16 --random-weights --repeats 2 --retries 0 --max-wait 0 --steps $STEPS --no-docs"
+common="--device cuda --precision bf16 --random-weights --repeats 2 --retries 0 --max-wait 0 --steps $STEPS --no-docs"
 timeout 140 python3 benchmarks/bench_sft.py $common --output "$OUT/gpu_sft.json" 2>&1 | tail -12
 timeout 150 python3 benchmarks/bench_dpo.py $common --tools alignkit,trl --output "$OUT/gpu_dpo.json" 2>&1 | tail -14
 timeout 120 python3 benchmarks/bench_rm.py $common --output "$OUT/gpu_rm.json" 2>&1 | tail -12

@@ -281,10 +281,12 @@ def test_dpo_teaches_the_preferred_answer_after_sft(tmp_path, tiny_model_dir, to
     Plain DPO on these near-identical pairs lowers π(chosen) too (it pushes both down, the rejected faster), so
     this run adds RPO's NLL term (--sft_weight 1); docs/dpo.md has the plain-DPO numbers.
 
-    Measured (one thread; only 4 seeds, 42, 1–3: a run takes ~20 min on the shared 2-core machine):
-    held-out accuracy 0.915–0.98 (a plateau from step 30; π = π_ref gives 0, chance 0.5); π(chosen)
-    after/before 1.067–1.089; π(rejected) after/before 0.58–0.74. The bounds 0.8, 1.03 and 0.9 leave
-    room for other CPUs and seeds (0.9 and 0.8 before: seed 1 came within 0.015 and 0.06).
+    Measured (one thread, the shared 2-core AMD EPYC; 9 seeds: 42 and 1–3 earlier, 4–6, 8, 9 now, each
+    varying the tiny model's init, the SFT and the DPO seed; a run takes 16–20 min on the loaded machine):
+    held-out accuracy min 0.865, max 0.98, median of the new five 0.905 (a plateau from step 30; π = π_ref
+    gives 0, chance 0.5); π(chosen) after/before 1.041–1.166; π(rejected) after/before 0.58–0.78. Bounds:
+    accuracy ≥ 0.75 (0.8 before; seed 9 gave 0.865); π(chosen) must not fall, > 1.0 (1.03 before; seed 9
+    gave 1.041): that is what --sft_weight adds, plain DPO lowers it; π(rejected) < 0.9 (worst 0.78).
     """
     from alignkit.config import SFTConfig
     from alignkit.models import load_causal_lm
@@ -297,7 +299,7 @@ def test_dpo_teaches_the_preferred_answer_after_sft(tmp_path, tiny_model_dir, to
     row = dpo.run_dpo(DPOConfig(model_name_or_path=str(tmp_path / "sft"), dataset="builtin_pref:comparison:2000",
                                 eval_dataset="builtin_pref:comparison:200", output_dir=str(tmp_path / "dpo"), max_steps=40,
                                 per_device_train_batch_size=32, learning_rate=3e-4, beta=1.0, sft_weight=1.0, logging_steps=10, **fmt))
-    assert row["eval_rewards/accuracies"] >= 0.8  # held-out preference accuracy of the implicit reward
+    assert row["eval_rewards/accuracies"] >= 0.75  # held-out preference accuracy of the implicit reward
 
     cfg = DPOConfig(**fmt)
     pairs = dpo.build_pairs("builtin_pref:comparison:200", "test", tokenizer, cfg, "test", {})
@@ -308,5 +310,5 @@ def test_dpo_teaches_the_preferred_answer_after_sft(tmp_path, tiny_model_dir, to
             probs = dpo.sequence_logps(load_causal_lm(str(tmp_path / name)).eval(), batch)[0].exp()
         rates[name] = (probs[: len(pairs)].mean().item(), probs[len(pairs) :].mean().item())
     (chosen_before, rejected_before), (chosen_after, rejected_after) = rates["sft"], rates["dpo"]
-    assert chosen_after > 1.03 * chosen_before  # measured 0.097 -> 0.105
+    assert chosen_after > chosen_before  # measured 0.097 -> 0.105 (seed 42)
     assert rejected_after < 0.9 * rejected_before  # measured 0.014 -> 0.009

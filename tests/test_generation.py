@@ -302,3 +302,90 @@ def test_shared_prefix_prefill_samples_what_the_full_prefill_samples(tiny, monke
     assert sampled.entropy is not None and torch.allclose(sampled.entropy, sampled_full.entropy, atol=5e-5)
     recomputed = policy_forward(model, sampled, 1.0).logprobs
     assert torch.allclose(recomputed, sampled.logprobs * sampled.response_mask, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------ per-row settings
+
+ROW_SETTINGS = [  # (temperature, top_p, top_k, seed) of each row
+    (0.0, 1.0, 0, None),  # greedy
+    (0.7, 0.9, 0, 5),
+    (1.3, 1.0, 20, 6),
+    (1.0, 0.5, 5, 7),
+    (0.0, 0.3, 0, None),  # greedy ignores top_p
+]
+
+
+def test_per_row_settings_sample_what_each_row_samples_alone(tiny, prompt_ids):
+    """One batch with greedy rows, and rows of different temperature / top_p / top_k each with its own seed:
+    every row's tokens equal those of the row sent alone with its setting as scalars (the one-setting path),
+    and its log-probs use its own temperature. Ignoring any per-row field changes some row."""
+    model, tokenizer = tiny
+    prompts = [prompt_ids[i % len(prompt_ids)] for i in range(len(ROW_SETTINGS))]
+    columns = list(zip(*ROW_SETTINGS))
+    stop = (-1,)
+    params = SamplingParams(max_new_tokens=10, temperature=list(columns[0]), top_p=list(columns[1]), top_k=list(columns[2]),
+                            seed=list(columns[3]), stop_token_ids=stop)
+    together = generate(model, tokenizer, prompts, params)
+    for row, (temperature, top_p, top_k, seed) in enumerate(ROW_SETTINGS):
+        alone = generate(model, tokenizer, [prompts[row]],
+                         SamplingParams(max_new_tokens=10, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop))
+        assert together.response_ids[row].tolist() == alone.response_ids[0].tolist(), row
+        # logits of a row in a batch differ from alone by float rounding only (relative ~1e-6 of values ~|10|)
+        torch.testing.assert_close(together.logprobs[row], alone.logprobs[0], atol=1e-4, rtol=0)
+    assert together.response_ids[1].tolist() != together.response_ids[3].tolist()
+
+
+def test_a_seeded_row_does_not_depend_on_its_neighbours(tiny, prompt_ids):
+    """The same seeded row beside different neighbours (other prompts, unseeded samples, other seeds, greedy),
+    at different positions of the batch, samples the same tokens each time."""
+    model, tokenizer = tiny
+    stop = (-1,)
+    mine = (prompt_ids[0], 0.9, 1.0, 123)
+    batches = [[mine],
+               [(prompt_ids[1], 1.0, 1.0, None), mine, (prompt_ids[2], 0.0, 1.0, None)],
+               [(prompt_ids[2], 1.2, 0.8, 99), (prompt_ids[1], 1.0, 1.0, None), (prompt_ids[0], 1.0, 1.0, None), mine]]
+    seen = []
+    for rows in batches:
+        prompts, temperatures, top_ps, seeds = map(list, zip(*rows))
+        out = generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=12, temperature=temperatures, top_p=top_ps, seed=seeds,
+                                                                 stop_token_ids=stop))
+        seen.append(out.response_ids[rows.index(mine)].tolist())
+    assert seen[0] == seen[1] == seen[2]
+    other_seed = generate(model, tokenizer, [mine[0]], SamplingParams(max_new_tokens=12, temperature=[0.9], seed=[124], stop_token_ids=stop))
+    assert other_seed.response_ids[0].tolist() != seen[0]
+
+
+def test_a_generator_passed_as_seed_continues_its_stream(tiny, prompt_ids):
+    """A torch.Generator in `seed` is advanced in place: two calls of 4 tokens draw what one stream of 8 draws
+    (the engine keeps a request's generator across rounds)."""
+    model, tokenizer = tiny
+    stop = (-1,)
+    draws = []
+    for _ in range(2):
+        generator = torch.Generator().manual_seed(11)
+        draws.append([torch.rand((1,), generator=generator).item() for _ in range(8)])
+    generator = torch.Generator().manual_seed(11)
+    generate(model, tokenizer, [prompt_ids[0]], SamplingParams(max_new_tokens=4, temperature=[1.0], seed=[generator], stop_token_ids=stop))
+    assert torch.rand((1,), generator=generator).item() == draws[0][4]
+
+
+def test_per_row_top_k_and_top_p_equal_the_one_setting_filters():
+    """The vectorised per-row filters equal the one-setting filter applied to each row alone."""
+    from alignkit.generation import RowSampling, _filter_logits, _nucleus, _top_k_rows
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.cat([torch.randn(3, 3000, generator=g) * 4, torch.randn(2, 3000, generator=g) * 0.01])
+    top_k = torch.tensor([0, 1, 7, 3000, 50])
+    top_p = torch.tensor([0.3, 1.0, 0.9, 0.999, 0.5])
+    by_k = _top_k_rows(logits, top_k)
+    for row in range(5):
+        assert torch.equal(torch.isinf(by_k[row]), torch.isinf(_filter_logits(logits[row : row + 1], int(top_k[row]), 1.0)[0]))
+    nucleus = _nucleus(logits, top_p[:, None])
+    for row in range(5):
+        alone = _filter_logits(logits[row : row + 1], 0, float(top_p[row]))[0]
+        assert torch.equal(torch.isinf(nucleus[row]), torch.isinf(alone)) or top_p[row] >= 1
+    params = SamplingParams(temperature=[0.0, 1.0], top_p=[1.0, 0.5], seed=[None, 3])
+    rows = RowSampling.build(params, 2, "cpu")
+    assert rows.greedy.tolist() == [True, False] and rows.temperature.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="temperature has 2 values for a batch of 3"):
+        RowSampling.build(params, 3, "cpu")

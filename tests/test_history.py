@@ -150,7 +150,7 @@ def test_summary_request_fits_the_summarizers_context(tokenizer):
 
 def test_model_summarizer_with_the_engine(tiny_model_dir, tokenizer):
     from alignkit.models import load_causal_lm
-    from alignkit.serve.engine import Engine
+    from alignkit.batching import Engine
 
     engine = Engine(load_causal_lm(str(tiny_model_dir)), tokenizer).start()
     try:
@@ -227,7 +227,7 @@ def test_chat_command_user_errors_exit_2(tiny_model_dir):
 def test_terminal_truncates_and_reports(tiny_model_dir, tokenizer):
     from alignkit.chat.terminal import ChatSettings, run_chat
     from alignkit.models import load_causal_lm
-    from alignkit.serve.engine import Engine
+    from alignkit.batching import Engine
 
     engine = Engine(load_causal_lm(str(tiny_model_dir)), tokenizer).start()
     lines = iter([f"message number {i} " + "word " * 30 for i in range(4)] + ["/history"])

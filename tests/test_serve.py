@@ -156,9 +156,12 @@ def test_stop_strings_n_and_seed(state, client):
     assert len(texts) == 3 and [c.message.content for c in sorted(second.choices, key=lambda c: c.index)] == texts
     assert len(set(texts)) > 1  # n independent samples
     assert first.usage.completion_tokens == 3 * 8
-    # the seed means the same as a direct call of the sampler with that seed
+    # the seed means the same as a direct call of the sampler: choice j draws from its own stream, choice_seed(seed, j)
+    from alignkit.batching import choice_seed
+
     prompt = state.tokenizer(prompt_text(state.tokenizer, user("Pick a word"), Formatting()), add_special_tokens=False)["input_ids"]
-    out = generate(state.engine.model, state.tokenizer, [prompt] * 3, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=1234))
+    seeds = [choice_seed(1234, j) for j in range(3)]
+    out = generate(state.engine.model, state.tokenizer, [prompt] * 3, SamplingParams(max_new_tokens=8, temperature=[1.0] * 3, top_p=0.9, seed=seeds))
     assert texts == [state.tokenizer.decode(row, skip_special_tokens=True) for row in out.response_ids]
     other = client.chat.completions.create(**{**kwargs, "seed": 99})
     assert [c.message.content for c in sorted(other.choices, key=lambda c: c.index)] != texts
@@ -325,8 +328,8 @@ def test_fifty_concurrent_clients_all_answered_correctly(state, server):
 
 
 def test_engine_mixes_greedy_and_sampled_requests(state):
-    """Requests that cannot share a batch (greedy vs sampled) all finish; greedy ones stay exact."""
-    from alignkit.serve.engine import Request
+    """Greedy and sampled requests decode in one batch and all finish; greedy ones stay exact."""
+    from alignkit.batching import Request
 
     prompts = [user(f"Mixed request {i}") for i in range(12)]
     encoded = [state.tokenizer(prompt_text(state.tokenizer, m, Formatting()), add_special_tokens=False)["input_ids"] for m in prompts]

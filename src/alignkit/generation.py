@@ -24,12 +24,22 @@ import torch
 
 @dataclass
 class SamplingParams:
+    """How to sample. temperature, top_p, top_k and seed are one value for every row, or a list with one per
+    row (a server's batch of requests with different settings; see `RowSampling`)."""
+
     max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    temperature: float | list[float] = 1.0  # 0 means greedy
+    top_p: float | list[float] = 1.0
+    top_k: int | list[int] = 0  # 0 = off
     stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's and generation config's eos ids
-    seed: int | None = None  # set for reproducible samples (a private torch.Generator, global RNG untouched)
+    # one value: one private torch.Generator draws for the whole batch (global RNG untouched). A list: row i
+    # draws from its own stream, seeded with seed[i] (or the torch.Generator given there, advanced in place),
+    # so its samples depend on nothing else in the batch; None there: the global RNG
+    seed: int | None | list[int | torch.Generator | None] = None
+
+    @property
+    def per_row(self) -> bool:
+        return any(isinstance(v, (list, tuple)) for v in (self.temperature, self.top_p, self.top_k, self.seed))
 
 
 class Sequences(NamedTuple):
@@ -90,13 +100,16 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from `probs` [B, V] by inverting the CDF: the first token whose cumulative mass
     exceeds u·total, u ~ U[0, 1). Exact, and on a CPU ~15x faster than torch.multinomial over a 49152-token
-    vocabulary (one cumsum and a binary search instead of multinomial's per-row setup)."""
+    vocabulary (one cumsum and a binary search instead of multinomial's per-row setup). `uniform` [B, 1]:
+    the u of each row, drawn by the caller (rows with their own generators); else drawn from `generator`."""
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
+    if uniform is None:
+        uniform = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype)
+    u = uniform.to(cdf.dtype) * total
     # the first index whose cdf exceeds u: cdf rises there, so that token has mass
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     # ... unless u·total rounded up to the total (about once in 2^24 draws): then no cdf exceeds it and the
@@ -111,7 +124,7 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 NUCLEUS_CANDIDATES = 1024
 
 
-def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def _nucleus(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays while the mass
     of the tokens ranked before it is < top_p. Ties rank the lowest id first (as argmax), so a tiny top_p
     is greedy. A token's mass is exp(logit − logsumexp(row)) wherever it is ranked, so every path below
@@ -120,7 +133,7 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     Sorting the whole vocabulary every step is slow (49152 entries per row: ~5 ms a row on a CPU), and the
     nucleus almost always lies among the top few hundred tokens: rank only the top NUCLEUS_CANDIDATES, and
     sort the whole vocabulary only for the rows whose candidates hold less than top_p of the mass (there the
-    nucleus may reach beyond).
+    nucleus may reach beyond). `top_p`: one value, or a [B, 1] tensor of one per row.
     """
     log_total = logits.logsumexp(-1, keepdim=True)
     k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
@@ -132,22 +145,115 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, ids, keep_ranked)
     # exact when the candidates hold top_p of the mass and no token left outside ties the last one kept
     last_kept = values.gather(-1, (keep_ranked.sum(-1, keepdim=True) - 1)).squeeze(-1)
-    complete = ((before[:, -1] + probs[:, -1]) >= top_p) & (last_kept > values[:, -1])
+    complete = ((before[:, -1:] + probs[:, -1:]) >= top_p).squeeze(-1) & (last_kept > values[:, -1])
     if k < logits.shape[-1] and not bool(complete.all()):
         rows = (~complete).nonzero().squeeze(-1)
         values, ids = logits[rows].sort(dim=-1, descending=True, stable=True)
-        keep_ranked = _keep_ranked(values, log_total[rows], top_p)[0]
+        keep_ranked = _keep_ranked(values, log_total[rows], top_p[rows] if isinstance(top_p, torch.Tensor) else top_p)[0]
         keep[rows] = torch.zeros_like(keep_ranked).scatter_(-1, ids, keep_ranked)
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def _keep_ranked(values: torch.Tensor, log_total: torch.Tensor, top_p: float):
+def _keep_ranked(values: torch.Tensor, log_total: torch.Tensor, top_p: float | torch.Tensor):
     """For logits ranked in descending order: which stay in the nucleus, the mass before each, each's mass."""
     probs = (values - log_total).exp()
     before = probs.cumsum(-1) - probs
     keep_ranked = before < top_p
     keep_ranked[..., 0] = True
     return keep_ranked, before, probs
+
+
+@dataclass
+class RowSampling:
+    """Per-row settings as tensors, built once per `generate` call when `SamplingParams.per_row`.
+
+    Each step is vectorised over the batch (temperature, top-k and top-p as [B] tensors); the only loop over
+    rows is the draw of u for rows with their own generator, one `torch.rand` per generator."""
+
+    temperature: torch.Tensor  # [B] float32, 1 on greedy rows (their logits stay unscaled, as in the one-setting path)
+    greedy: torch.Tensor  # [B] bool
+    top_k: torch.Tensor  # [B] long, 0 = off
+    top_p: torch.Tensor  # [B] float32
+    generators: list[torch.Generator | None]  # per row: its own stream, or None (the shared generator or global RNG)
+    shared: torch.Generator | None  # draws for the rows without their own generator
+
+    @classmethod
+    def build(cls, params: SamplingParams, batch: int, device) -> RowSampling:
+        def rows(value, name):
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * batch
+            if len(values) != batch:
+                raise ValueError(f"SamplingParams.{name} has {len(values)} values for a batch of {batch} rows")
+            return values
+
+        temperature = torch.tensor([float(t) for t in rows(params.temperature, "temperature")], dtype=torch.float32, device=device)
+        greedy = temperature <= 0
+        shared, generators = None, [None] * batch
+        if isinstance(params.seed, (list, tuple)):
+            generators = [s if isinstance(s, torch.Generator) or s is None else torch.Generator(device=device).manual_seed(int(s))
+                          for s in rows(params.seed, "seed")]
+        elif params.seed is not None:
+            shared = torch.Generator(device=device).manual_seed(params.seed)
+        return cls(torch.where(greedy, torch.ones_like(temperature), temperature), greedy,
+                   torch.tensor([int(k) for k in rows(params.top_k, "top_k")], dtype=torch.long, device=device),
+                   torch.tensor([float(p) for p in rows(params.top_p, "top_p")], dtype=torch.float32, device=device),
+                   generators, shared)
+
+    def select(self, keep: torch.Tensor) -> RowSampling:
+        """The settings of the rows `keep` ([N] indices), in that order."""
+        index = keep.tolist()
+        return RowSampling(self.temperature[keep], self.greedy[keep], self.top_k[keep], self.top_p[keep],
+                           [self.generators[i] for i in index], self.shared)
+
+    @staticmethod
+    def cat(first: RowSampling, second: RowSampling) -> RowSampling:
+        """The rows of `first`, then those of `second` (the shared stream is `first`'s)."""
+        return RowSampling(torch.cat([first.temperature, second.temperature]), torch.cat([first.greedy, second.greedy]),
+                           torch.cat([first.top_k, second.top_k]), torch.cat([first.top_p, second.top_p]),
+                           first.generators + second.generators, first.shared)
+
+    def scale(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if bool((self.temperature == 1).all()) else logits / self.temperature[:, None]
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next token of each row from temperature-scaled `logits` [B, V]: argmax on greedy rows, else a draw
+        from the top-k / nucleus-filtered distribution of the row's own settings."""
+        token = logits.argmax(-1)
+        sampled = (~self.greedy).nonzero().squeeze(-1)
+        if sampled.numel() == 0:
+            return token
+        sub = logits if sampled.numel() == logits.shape[0] else logits[sampled]
+        top_k, top_p = self.top_k[sampled], self.top_p[sampled]
+        sub = _top_k_rows(sub, top_k)
+        nucleus = (top_p < 1).nonzero().squeeze(-1)
+        if nucleus.numel() == sub.shape[0]:
+            sub = _nucleus(sub, top_p[:, None])
+        elif nucleus.numel():
+            sub = sub.index_put((nucleus,), _nucleus(sub[nucleus], top_p[nucleus, None]))
+        token[sampled] = sample_categorical(sub.softmax(-1), uniform=self._uniform(sampled.tolist(), logits.device))
+        return token
+
+    def _uniform(self, rows: list[int], device) -> torch.Tensor:
+        """u ~ U[0, 1) for each sampled row: one number from its own generator, or from the shared stream."""
+        u = torch.empty((len(rows), 1), dtype=torch.float32, device=device)
+        shared = [i for i, row in enumerate(rows) if self.generators[row] is None]
+        if shared:
+            u[shared] = torch.rand((len(shared), 1), generator=self.shared, device=device)
+        for i, row in enumerate(rows):
+            if self.generators[row] is not None:
+                u[i] = torch.rand((1,), generator=self.generators[row], device=device)
+        return u
+
+
+def _top_k_rows(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k ([B] long, 0 = off): one topk of the largest k, then each row keeps its first k ranks."""
+    on = (top_k > 0) & (top_k < logits.shape[-1])
+    if not bool(on.any()):
+        return logits
+    k_max = int(top_k[on].max())
+    ids = logits.topk(k_max, dim=-1).indices
+    keep_ranked = torch.arange(k_max, device=logits.device)[None] < torch.where(on, top_k, k_max)[:, None]
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, ids, keep_ranked) | ~on[:, None]
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def _left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +310,9 @@ def generate(
 ) -> GenerationOutput:
     """Sample continuations of a batch of tokenized prompts.
 
+    `params` holds one setting for every row (the fast path PPO and eval use), or per-row lists
+    (`SamplingParams.per_row`): greedy rows, sampled rows and rows with their own seed then decode in one
+    batch, and a row with its own seed samples what it would alone.
     `on_token(step, token_ids[B], finished[B])` runs after every step (streaming); finished rows
     receive the pad id. The model is in eval mode during sampling (no dropout: the log-probs must
     match a deterministic recomputation) and every submodule's mode is restored afterwards.
@@ -215,14 +324,15 @@ def generate(
     pad_id = _pad_id(tokenizer)
     stop_ids = params.stop_token_ids if params.stop_token_ids is not None else default_stop_token_ids(model, tokenizer)
     stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    greedy = params.temperature <= 0
-    temperature = 1.0 if greedy else float(params.temperature)
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-
     prompt, prompt_mask = _left_pad(prompt_ids, pad_id, device)
     batch, max_new = prompt.shape[0], params.max_new_tokens
+    # one setting for all rows (PPO, eval): scalars, the fastest path; else per-row tensors
+    rows = RowSampling.build(params, batch, device) if params.per_row else None
+    greedy = rows is None and params.temperature <= 0
+    temperature = 1.0 if rows is not None or greedy else float(params.temperature)
+    generator = None
+    if rows is None and params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
     response = torch.full((batch, max_new), pad_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((batch, max_new), dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
@@ -250,7 +360,10 @@ def generate(
             logits = out.logits[:, -1, :].float()
             if temperature != 1.0:
                 logits = logits / temperature
-            if greedy:
+            if rows is not None:
+                logits = rows.scale(logits)
+                token = rows.choose(logits)
+            elif greedy:
                 token = logits.argmax(-1)
             else:
                 probs = _filter_logits(logits, params.top_k, params.top_p).softmax(-1)
@@ -308,7 +421,7 @@ def generate_text(model, tokenizer, prompts: list[str], params: SamplingParams, 
 
 def _generate_batch(model, tokenizer, encoded, chunk, params, batch_index, results) -> None:
     """Fill results[i] for the prompt indices in `chunk`."""
-    if params.seed is not None:
+    if isinstance(params.seed, int):
         params = dataclasses.replace(params, seed=params.seed + batch_index)
     out = generate(model, tokenizer, [encoded[i] for i in chunk], params)
     for row, i in enumerate(chunk):

@@ -38,8 +38,10 @@ def cpu_has_bf16() -> bool:
 
 def _device_has_bf16(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'does not support'} bf16"
+        # native only (compute capability 8+, or ROCm): torch's default also counts pre-Ampere GPUs, which can
+        # make bf16 tensors but emulate its arithmetic, slower than fp32, the case `auto` exists to avoid
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"{torch.cuda.get_device_name(device)} {'computes' if ok else 'does not compute'} bf16 natively"
     if device.type == "cpu":
         ok = cpu_has_bf16()
         return ok, "this CPU has " + ("AVX512-BF16/AMX" if ok else "no AVX512-BF16/AMX (bf16 would be emulated, slower than fp32)")

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit import atomic
+from alignkit.batching import Delta, Engine, Failed, Finished, Request
 from alignkit.chat.history import FittedPrompt, SummaryCache, fit_history, model_summarizer
 from alignkit.data.tokenize import Formatting
-from alignkit.serve.engine import Delta, Engine, Failed, Finished, Request
 
 HELP = """commands:
   /reset         start over (the system message stays)

@@ -33,11 +33,11 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from alignkit.batching import Delta, Engine, Failed, Finished
 from alignkit.chat.history import PromptTooLong, SummaryCache, fit_history, model_summarizer
 from alignkit.data.formats import DataError, validate_messages
 from alignkit.data.tokenize import Formatting
 from alignkit.serve.config import ServeConfig, check_bind, is_loopback  # noqa: F401  (re-exported)
-from alignkit.serve.engine import Delta, Engine, Failed, Finished
 from alignkit.serve.feedback import Demonstration, FeedbackStore, JudgeQueue, Judgment
 from alignkit.serve.protocol import (
     ApiError,

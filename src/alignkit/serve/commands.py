@@ -26,8 +26,8 @@ def _load(model_name_or_path: str, device: str):
 def run_chat_command(cfg: ChatConfig) -> None:
     from alignkit.chat.terminal import ChatSettings, run_chat
     from alignkit.data.tokenize import Formatting
+    from alignkit.batching import Engine
     from alignkit.pipeline.stage_models import resolve_model
-    from alignkit.serve.engine import Engine
 
     model, tokenizer = _load(resolve_model(cfg.model_name_or_path), cfg.device)
     context = cfg.context_length or int(getattr(model.config, "max_position_embeddings", 2048))

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from alignkit.batching import Request as EngineRequest
 from alignkit.data.formats import DataError, validate_messages
-from alignkit.serve.engine import Request as EngineRequest
 
 # ------------------------------------------------------------------------------------------ errors
 
