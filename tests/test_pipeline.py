@@ -424,7 +424,7 @@ def finished_run(tmp_path):
 
 
 def test_a_stage_directory_resolves_to_its_model(finished_run):
-    from alignkit.pipeline.stage_models import resolve_model
+    from alignkit.runs import resolve_model
 
     run = finished_run
     assert resolve_model(str(run / "sft")) == str(run / "sft")

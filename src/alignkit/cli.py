@@ -97,7 +97,7 @@ def run_generate(cfg: GenerateConfig) -> None:
     from alignkit.data.tokenize import Formatting, prompt_text
     from alignkit.generation import SamplingParams, generate_text
     from alignkit.models import load_causal_lm, load_tokenizer
-    from alignkit.pipeline.stage_models import resolve_model
+    from alignkit.runs import resolve_model
 
     model_dir = resolve_model(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_dir)

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from alignkit.pipeline.recipe import STAGES, Recipe
+from alignkit.runs import read_stage, stage_file
 
 # the stages whose outputs each stage reads
 INPUTS = {
@@ -64,18 +65,6 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
     return prints
 
 
-def stage_file(run_dir: Path, stage: str) -> Path:
-    return run_dir / stage / "stage.json"
-
-
-def read_stage(run_dir: Path, stage: str) -> dict | None:
-    path = stage_file(run_dir, stage)
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # cut off mid-write by a kill: treat as never run
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

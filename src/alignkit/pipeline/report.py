@@ -162,7 +162,8 @@ def claims(evaluation: dict, records: dict) -> list[dict]:
 
 
 def stage_report(recipe: Recipe, run: Path, resume: bool) -> dict:
-    from alignkit.pipeline.fingerprint import read_stage, write_json_atomic
+    from alignkit.pipeline.fingerprint import write_json_atomic
+    from alignkit.runs import read_stage
 
     out = run / "report"
     out.mkdir(exist_ok=True)

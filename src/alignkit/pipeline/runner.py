@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from alignkit.pipeline.fingerprint import fingerprints, plan, read_stage, write_json_atomic, write_stage
+from alignkit.pipeline.fingerprint import fingerprints, plan, write_json_atomic, write_stage
+from alignkit.runs import read_stage
 from alignkit.pipeline.recipe import STAGES, load_recipe
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ def run_chat_command(cfg: ChatConfig) -> None:
     from alignkit.chat.terminal import ChatSettings, run_chat
     from alignkit.data.tokenize import Formatting
     from alignkit.batching import Engine
-    from alignkit.pipeline.stage_models import resolve_model
+    from alignkit.runs import resolve_model
 
     model, tokenizer = _load(resolve_model(cfg.model_name_or_path), cfg.device)
     context = cfg.context_length or int(getattr(model.config, "max_position_embeddings", 2048))
@@ -47,7 +47,7 @@ def run_chat_command(cfg: ChatConfig) -> None:
 def run_serve(cfg: ServeConfig) -> None:
     import uvicorn
 
-    from alignkit.pipeline.stage_models import resolve_model
+    from alignkit.runs import resolve_model
     from alignkit.serve.app import bind_socket, config_dict, create_app, load_state
 
     cfg = dataclasses.replace(cfg, model_name_or_path=resolve_model(cfg.model_name_or_path))  # RUN/ppo: that stage's model

@@ -1,4 +1,7 @@
-"""`alignkit serve RUN/ppo`: a pipeline run's stage directory names the model that stage made.
+"""A pipeline run's directory: what each stage recorded (RUN/<stage>/stage.json) and which model it made.
+
+`alignkit serve RUN/ppo` (and chat, generate): a pipeline run's stage directory names the model that stage made.
+This sits below serve/, chat/ and pipeline/ so each of them can read a run without importing the others.
 
 Each policy stage (sft, ppo, dpo) saves its model straight into RUN/<stage>/ (a plain Hugging Face directory, or
 a LoRA adapter directory with `use_peft`); RUN/base stands for the recipe's pretrained model. Other stages make no
@@ -13,6 +16,21 @@ from pathlib import Path
 
 POLICY_STAGES = ("sft", "ppo", "dpo")
 MODEL_FILES = ("config.json", "adapter_config.json")
+
+
+def stage_file(run_dir: Path, stage: str) -> Path:
+    return run_dir / stage / "stage.json"
+
+
+def read_stage(run_dir: Path, stage: str) -> dict | None:
+    """What `stage` of the run recorded (fingerprint, status, times), or None when it never finished writing it."""
+    path = stage_file(run_dir, stage)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # cut off mid-write by a kill: treat as never run
 
 
 def resolve_model(name: str) -> str:
@@ -33,8 +51,6 @@ def resolve_model(name: str) -> str:
             raise ValueError(f"{name}: the {stage!r} stage of pipeline run {run} makes no model; its models: "
                              f"base, {', '.join(POLICY_STAGES)}")
         if not any((path / f).is_file() for f in MODEL_FILES):
-            from alignkit.pipeline.fingerprint import read_stage
-
             status = (read_stage(run, stage) or {}).get("status", "not run")
             raise ValueError(f"{name}: stage {stage} of pipeline run {run} has no model yet (status: {status}); "
                              f"finish it with `alignkit pipeline RECIPE --output_dir {run}`")
