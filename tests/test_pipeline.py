@@ -186,6 +186,7 @@ def quick_run(tmp_path_factory):
 def test_quick_run_makes_every_stage_and_its_artifacts(quick_run):
     run, result, _ = quick_run
     assert ran(result) == list(STAGE_DIRS)
+    assert "Loading weights" not in result.stdout + result.stderr  # stages are quiet as every command without --verbose
     for stage in STAGE_DIRS:
         record = json.loads((run / stage / "stage.json").read_text())
         assert record["status"] == "done" and record["wall_seconds"] > 0 and record["cpu_seconds"] > 0 and record["peak_rss_mb"] > 50

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from alignkit import atomic
 from alignkit.pipeline.recipe import Recipe, recipe_from_dict
+from alignkit.progress import configure_logging
 
 log = logging.getLogger(__name__)
 HUMAN_STORE = "human_judgments.sqlite"  # RUN/<this>: the judgments people made in the comparison page (judge: human)
@@ -288,6 +289,7 @@ def run_stage(stage: str, run: Path, resume: bool) -> dict:
 def main(argv: list[str]) -> int:
     """python -m alignkit.pipeline.stages STAGE RUN [--resume]; exit 2 with a one-line message on a user error."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging(verbose=False)  # as every command without --verbose: no transformers weight-loading bars or info logs
     stage, run = argv[0], Path(argv[1])
     try:
         run_stage(stage, run, "--resume" in argv[2:])
