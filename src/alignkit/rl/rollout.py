@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.generation import SamplingParams, default_stop_token_ids, generate
+from alignkit.generation import SamplingParams, generate
 from alignkit.models import trunk_and_head, unwrap_base
 from alignkit.packing import for_attention, pack_episodes, supports_custom_masks
 
@@ -137,11 +137,6 @@ def rollout(model, tokenizer, prompt_ids: list[list[int]], params: SamplingParam
     steps = out.response_ids.shape[1]
     return Episodes(out.prompt_ids, out.prompt_mask, out.response_ids, out.response_mask, out.logprobs, out.finished, prompts, responses,
                     recorder.stacked(recorder.entropies, steps, out.response_mask), recorder.stacked(recorder.values, steps, out.response_mask))
-
-
-def make_env(model, tokenizer, params: SamplingParams) -> TextGenerationEnv:
-    stop = params.stop_token_ids if params.stop_token_ids is not None else default_stop_token_ids(model, tokenizer)
-    return TextGenerationEnv(tuple(stop), params.max_new_tokens)
 
 
 @dataclass
