@@ -10,6 +10,7 @@ import torch
 from alignkit import losses
 from alignkit.generation import SamplingParams
 from alignkit.rl.rollout import TextGenerationEnv, policy_forward, rollout
+from learning import critic_free_run, make_ppo_setup, mean, ppo_config, score_rise, train
 
 # ---------------------------------------------------------------------------------------------
 # formulas, against plain-Python loops
@@ -203,57 +204,9 @@ def test_reward_sources(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the trainer on a tiny model
 
-REWARD = '''
-def words(prompts, responses):
-    """Words started per response token budget (8): a space opens a word."""
-    return [r.count(" ") / 8 for r in responses]
-
-
-def varied(prompts, responses):
-    """Differs from row to row even when greedy decoding gives every prompt the same response."""
-    return [(len(p) % 7) / 7 + len(set(r)) / 8 for p, r in zip(prompts, responses)]
-'''
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir):
-    """The tiny model with one embedding feature: +0.3 for tokens that start a word ("Ġ..."), −0.3 otherwise,
-    so "write more words" is one direction the policy can learn in a few iterations (it starts at ~0.2)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from alignkit.data import tasks
-    from alignkit.data.formats import write_jsonl
-
-    root = tmp_path_factory.mktemp("ppo")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    starts_word = torch.tensor([t.startswith("Ġ") for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))])
-    with torch.no_grad():
-        model.get_input_embeddings().weight[:, 0] = torch.where(starts_word, 0.3, -0.3)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    rows = tasks.make_mixture(["arithmetic"], "train", 32, seed=1)
-    write_jsonl([{"prompt": r["prompt"]} for r in rows], root / "prompts.jsonl")
-    (root / "reward.py").write_text(REWARD)
-    return root
-
-
-def train(setup, name, **overrides):
-    from alignkit.config import PPOConfig
-    from alignkit.rl.ppo import run_ppo
-
-    settings = dict(
-        model_name_or_path=str(setup / "model"), dataset=str(setup / "prompts.jsonl"), output_dir=str(setup / name),
-        reward_fn=f"{setup / 'reward.py'}:words", max_steps=8, rollout_batch_size=16, mini_batch_size=8, num_ppo_epochs=4,
-        max_new_tokens=8, learning_rate=1e-3, lr_scheduler_type="constant", kl_coef=0.05, progress=False,
-    )
-    settings.update(overrides)
-    run_ppo(PPOConfig(**settings))
-    return [json.loads(line) for line in open(f"{settings['output_dir']}/metrics.jsonl")]
-
-
-def mean(rows, key):
-    return sum(r[key] for r in rows) / len(rows)
+    return make_ppo_setup(tmp_path_factory.mktemp("ppo"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -300,10 +253,9 @@ def test_critic_free_estimators_raise_the_score(setup, estimator, tmp_path):
     well above the ~0.05 that sampling alone moves a mean of 64 draws."""
     rises = []
     for seed in (1, 2, 3):
-        rows = train(setup, estimator, output_dir=str(tmp_path / str(seed)), advantage_estimator=estimator, num_samples_per_prompt=4,
-                     rollout_batch_size=16, learning_rate=1.5e-3, num_ppo_epochs=2, max_steps=14, seed=seed)
+        rows = critic_free_run(setup, estimator, tmp_path / str(seed), seed)
         assert abs(rows[0]["kl"]) < 1e-5 and "value_loss" not in rows[0]
-        rises.append(mean(rows[-4:], "score") - mean(rows[:2], "score"))
+        rises.append(score_rise(rows))
     assert sorted(rises)[1] > 0.2, rises
 
 
@@ -346,6 +298,27 @@ def test_resume_replays_the_same_iterations(setup, tmp_path):
     for a, b in zip(full[2:], resumed[2:]):
         for key in ("score", "kl", "policy_loss", "value_loss", "approx_kl", "entropy"):
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (key, a[key], b[key])
+
+
+def test_resume_refuses_a_reward_file_whose_contents_changed(setup, tmp_path):
+    """The same --reward_fn spec over an edited file is another objective: resuming is refused, naming
+    --reward_fn; the untouched file resumes, and an edited --gold_reward_fn file (log only) does not count."""
+    from alignkit.train import checkpoint
+
+    reward, gold = tmp_path / "reward.py", tmp_path / "gold.py"
+    reward.write_text((setup / "reward.py").read_text())
+    gold.write_text((setup / "reward.py").read_text())
+    settings = dict(reward_fn=f"{reward}:words,builtin:sentiment", gold_reward_fn=f"{gold}:varied", max_steps=1,
+                    rollout_batch_size=4, max_new_tokens=4, num_ppo_epochs=1, output_dir=str(tmp_path / "run"))
+    train(setup, "unused", save_steps=1, **settings)
+    resume = ppo_config(setup, "unused", resume_from_checkpoint="latest", **settings)
+    gold.write_text(gold.read_text().replace("/ 8", "/ 9"))
+    assert checkpoint.prepare_output_dir(resume).name == "step-1"
+    reward.write_text(reward.read_text().replace("/ 8", "/ 9"))  # same size, same spec
+    checkpoint._hashed.clear()  # a new process would not have the old digest cached
+    with pytest.raises(ValueError, match=rf"reward_fn contents: was '{reward}: sha256:[0-9a-f]{{16}}', now '{reward}: sha256:[0-9a-f]{{16}}'"):
+        checkpoint.prepare_output_dir(resume)
+    assert checkpoint.reward_fn_contents("builtin:sentiment,alignkit.rl.rewards:sentiment_reward") == ""
 
 
 def test_prompt_formats(tokenizer, tmp_path):

@@ -14,6 +14,7 @@ from alignkit.data.formats import write_jsonl
 from alignkit.data.tokenize import Formatting, tokenize_example
 from alignkit.train.loop import find_checkpoint
 from alignkit.train.sft import collate, pack_examples, SFTExample, sft_loss
+from learning import sft_learns_comparison
 
 
 @pytest.fixture(scope="module")
@@ -151,21 +152,6 @@ def test_sft_learns_a_task_and_generalizes_to_held_out_items(tmp_path):
     match 0.00 for every seed; seed 42 with ATEN_CPU_CAPABILITY=default: 0.90, loss ratio 0.030. A run took 8–42 min of wall time on the loaded machine, hence fewer than 10
     seeds; the bounds stay far from the worst seed (exact match ≥ 0.7 vs 0.89; loss ratio < 0.1 vs 0.030)
     and far above the untrained model (< 0.1)."""
-    from alignkit.evaluate.tasks import exact_match_eval
-    from alignkit.models import load_causal_lm, load_tokenizer
-    from alignkit.testing import make_tiny_model
-    from alignkit.train.sft import formatting
-
-    tiny_model_dir = make_tiny_model(tmp_path / "model", hidden_size=128, num_layers=2)  # 64 wide learns it only sometimes
-
-    data = tmp_path / "train.jsonl"
-    write_jsonl(tasks.make_task("comparison", "train", 2000, seed=0), data)
-    rows = run(tmp_path, tiny_model_dir, data, max_steps=400, per_device_train_batch_size=32, learning_rate=3e-3,
-               lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=50, use_chat_template="no", separator=" = ")
-    assert rows[-1]["loss"] < 0.1 * rows[0]["loss"]
-    cfg = SFTConfig(use_chat_template="no", separator=" = ")
-    test_rows = tasks.make_task("comparison", "test", 100)
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    before = exact_match_eval(load_causal_lm(str(tiny_model_dir)), tokenizer, test_rows, formatting(cfg), max_new_tokens=6)
-    after = exact_match_eval(load_causal_lm(str(tmp_path / "out")), tokenizer, test_rows, formatting(cfg), max_new_tokens=6)
-    assert before["exact_match"] < 0.1 and after["exact_match"] >= 0.7
+    result = sft_learns_comparison(tmp_path, seed=42)
+    assert result["loss_ratio"] < 0.1, result
+    assert result["exact_match_before"] < 0.1 and result["exact_match_after"] >= 0.7, result

@@ -63,7 +63,19 @@ def fingerprint_fields(cfg) -> dict:
     for name in DATA_FIELDS:
         if fields.get(name):
             fields[f"{name} contents"] = data_contents(fields[name])
+    # PPO's reward is part of the objective: an edited reward file changes the math as much as edited data.
+    # --gold_reward_fn is not hashed: it only scores samples for the log and never reaches the update (its
+    # spec, a setting, is still compared).
+    if reward_files := reward_fn_contents(fields.get("reward_fn") or ""):
+        fields["reward_fn contents"] = reward_files
     return {"stage": type(cfg).__name__, **fields}
+
+
+def reward_fn_contents(reward_fn: str) -> str:
+    """'FILE: sha256:…' for each `path/file.py:function` in a --reward_fn list ('' when there is none).
+    `builtin:` rewards are alignkit's code; an importable `module:function` is installed code, like alignkit."""
+    files = [spec.rpartition(":")[0] for spec in (s.strip() for s in reward_fn.split(",")) if spec.rpartition(":")[0].endswith(".py")]
+    return ", ".join(f"{f}: sha256:{_file_digest(Path(f))}" if Path(f).is_file() else f"{f}: missing" for f in files)
 
 
 DATA_FIELDS = ("dataset", "ptx_dataset")  # the training data; eval data does not change the weights
