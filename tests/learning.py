@@ -1,7 +1,7 @@
 """The learning tests' training runs, as functions of a seed: the tests call them with their own seed, and
 this file run as a script calls them over many seeds to measure the spread behind each test's bound.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python tests/learning.py sft|dpo|ppo|big_beta|rloo|grpo SEEDS WORKDIR
+    OMP_NUM_THREADS=1 PYTHONPATH=src python tests/learning.py sft|dpo|ppo|big_beta|rloo|grpo|self_instruct SEEDS WORKDIR
 
 SEEDS is a comma list (e.g. 2,4,5). One JSON line per seed: the quantities the test asserts on, and the wall time.
 Seed 42 is each test's own run. For SFT and DPO a seed s sets the tiny model's initialisation and `--seed` (42: model
@@ -153,6 +153,20 @@ def score_rise(rows: list[dict]) -> float:
     return mean(rows[-4:], "score") - mean(rows[:2], "score")
 
 
+# ---------------------------------------------------------------------------------------------- self-instruct
+
+
+def self_instruct_short_run(tmp_path: Path, seed: int = 0) -> dict:
+    """tests/test_self_instruct.py::test_short_run_with_the_builtin_model: one round of the built-in model writing
+    instructions (one prompt, short completions); returns the run's report (candidates, accepted, rejected, ...)."""
+    from alignkit.data import self_instruct as si
+
+    return si.run_self_instruct(si.SelfInstructConfig(
+        output_dir=str(tmp_path / "out"), model_name_or_path="smollm2-135m-instruct", num_instructions=1, prompts_per_round=1,
+        max_stalled_rounds=1, max_instruction_tokens=48, max_instance_tokens=32, max_new_per_prompt=3, classification_shots=2,
+        instance_shots=1, progress=False, seed=seed))
+
+
 # ---------------------------------------------------------------------------------------------- the spread script
 
 
@@ -162,6 +176,9 @@ def measure(kind: str, seed: int, work: Path) -> dict:
         return sft_learns_comparison(work, seed)
     if kind == "dpo":
         return dpo_after_sft(work, seed)
+    if kind == "self_instruct":
+        report = self_instruct_short_run(work, seed)
+        return {k: report[k] for k in ("candidates", "accepted") if k in report}
     from alignkit.testing import make_tiny_model
 
     setup = make_ppo_setup(work, make_tiny_model(work / "tiny", hidden_size=64, num_layers=2))  # conftest's tiny_model_dir

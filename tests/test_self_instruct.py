@@ -27,6 +27,7 @@ from alignkit.data import self_instruct_prompts as sip
 from alignkit.data.formats import DataError, load_sft_examples
 from alignkit.data.generators import Completion, OpenAIGenerator, RequestFailed, cut_at_stop
 from alignkit.data.similarity import RougePool, lcs_lengths, rouge_tokens
+from learning import self_instruct_short_run
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"])
 WORDS = (Path(si.__file__).with_name("words.txt")).read_text().split()
@@ -536,10 +537,7 @@ REASONS = {"too_short", "too_long", "blacklisted_keyword", "write_a_program", "s
 
 def test_short_run_with_the_builtin_model(tmp_path):
     # one round, one prompt, short completions: 14 s on a quiet 2-core CPU, 70-90 s when the machine is shared
-    cfg = config(tmp_path, model_name_or_path="smollm2-135m-instruct", num_instructions=1, max_stalled_rounds=1,
-                 max_instruction_tokens=48, max_instance_tokens=32, max_new_per_prompt=3, classification_shots=2,
-                 instance_shots=1, seed=0)
-    report = si.run_self_instruct(cfg)
+    report = self_instruct_short_run(tmp_path, seed=0)
     out = tmp_path / "out"
     accepted, rejected = read(out / si.ACCEPTED), read(out / si.REJECTED)
     assert report["candidates"] == len(accepted) + len(rejected) >= 1  # seed 0: the model does write a list
