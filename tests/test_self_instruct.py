@@ -536,6 +536,9 @@ REASONS = {"too_short", "too_long", "blacklisted_keyword", "write_a_program", "s
 
 
 def test_short_run_with_the_builtin_model(tmp_path):
+    """The built-in model writes at least one candidate instruction in one round. Measured over 10 seeds (0–9,
+    `tests/learning.py self_instruct`; one thread, the shared 2-core AMD EPYC, 2026-12-01): candidates min 2,
+    median 3, max 3; accepted 1 for nine seeds, 0 for seed 9 (so no accepted count is asserted). Bound: ≥ 1."""
     # one round, one prompt, short completions: 14 s on a quiet 2-core CPU, 70-90 s when the machine is shared
     report = self_instruct_short_run(tmp_path, seed=0)
     out = tmp_path / "out"
