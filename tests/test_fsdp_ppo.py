@@ -151,3 +151,24 @@ def test_rloo_lora_under_fsdp_equals_ddp(tiny_model_dir, ppo_files, tmp_path):
     b = [n for n in ddp if "lora_B" in n]
     assert_same_weights({n: torch.zeros_like(ddp[n]) for n in b}, {n: ddp[n] for n in b}, {n: fsdp[n] for n in b})
     assert all(torch.allclose(ddp[n], fsdp[n], atol=2e-5) for n in ddp if n not in b)
+
+
+def test_zero_weight_ptx_row_adds_nothing(tiny_model_dir, tokenizer):
+    """Under FSDP a process with no row of a PPO-ptx batch runs one of the batch's rows with weight 0 (so every process
+    runs as many layer forwards): its loss sum is exactly 0 and it gives no gradient, while the same row with its
+    weights does."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.train.sft import SFTExample, collate, sft_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = tokenizer("Reverse the letters of 'garden'. nedrag")["input_ids"]
+    for weight in (0.0, 1.0):
+        model.zero_grad(set_to_none=True)
+        loss, _ = sft_loss(model, collate([SFTExample(ids, [weight] * len(ids))], tokenizer.pad_token_id))
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if weight == 0.0:
+            assert float(loss) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
+        else:
+            assert float(loss) > 0 and any(float(g.abs().max()) > 0 for g in grads)
