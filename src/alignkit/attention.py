@@ -69,6 +69,9 @@ def use_attention_kernel(model: torch.nn.Module, kernel: str) -> str:
     on purpose), flash attention and sliding windows (no prefix sharing for them) stay as they are."""
     from transformers import PreTrainedModel
 
+    if kernel == "auto":
+        why = "a CUDA GPU with FlexAttention" if resolve(kernel) == "flex" else "no CUDA GPU with FlexAttention"
+        logger.info(f"--attention_kernel auto: {resolve(kernel)} ({why})")
     kernel = resolve(kernel)
     if kernel == "dense":
         return kernel

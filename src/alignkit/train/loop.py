@@ -239,7 +239,7 @@ def check_sharding_backend(cfg: TrainConfig) -> None:
 
 def check_engine_flags(cfg: TrainConfig) -> None:
     """The engine's flags, checked before any model loads: --mixed_precision is resolved ("auto" -> bf16 | no,
-    fp16 off CUDA refused) and --report_to must name a destination that is available."""
+    fp16 off CUDA refused), --attention_kernel flex needs CUDA, and --report_to must name a destination that is available."""
     cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     check_sharding_backend(cfg)
     if (why := flex_refusal(cfg.attention_kernel)) is not None:
