@@ -236,6 +236,83 @@ def run_level(name: str, url: str, clients: int, args, tokenizer) -> dict:
             "load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2)}
 
 
+def _long_among_short(engine, shorts: list[list[int]], long_ids: list[int], max_tokens: int) -> dict:
+    """The short prompts start together (greedy, `max_tokens`); once each streamed 4 tokens, `long_ids` joins."""
+    import queue
+
+    from alignkit.batching import Delta, Finished, Request
+
+    arrivals, done, started, long_times = {i: [] for i in range(len(shorts))}, queue.Queue(), threading.Event(), {}
+
+    def short_emit(i):
+        def emit(event):
+            if isinstance(event, Delta):
+                arrivals[i].append(time.perf_counter())
+                if all(len(a) >= 4 for a in arrivals.values()):
+                    started.set()
+            elif isinstance(event, Finished):
+                done.put(i)
+        return emit
+
+    def long_emit(event):
+        long_times.setdefault("first", time.perf_counter())
+        if isinstance(event, Finished):
+            done.put("long")
+
+    begin = time.perf_counter()
+    for i, prompt in enumerate(shorts):
+        engine.submit(Request(prompt, max_tokens, temperature=0.0), short_emit(i))
+    if not started.wait(1800):
+        raise RuntimeError("the short streams did not start")
+    long_times["submitted"] = time.perf_counter()
+    engine.submit(Request(long_ids, 8, temperature=0.0), long_emit)
+    for _ in range(len(shorts) + 1):
+        done.get(timeout=1800)
+    wall = time.perf_counter() - begin
+    window = (long_times["submitted"], long_times["first"])
+    pairs = [(a, b) for times in arrivals.values() for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in pairs]
+    during = [b - a for a, b in pairs if b > window[0] and a < window[1]]
+    return {"long_ttft_s": round(window[1] - window[0], 3), "wall_s": round(wall, 2),
+            "short_gap_p50_s": percentile(gaps, 0.5), "short_gap_p95_s": percentile(gaps, 0.95), "short_gap_max_s": round(max(gaps), 3),
+            "short_tokens_during_long_prefill": sum(window[0] < t < window[1] for times in arrivals.values() for t in times),
+            "short_gap_max_during_s": round(max(during), 3) if during else None, "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def chunk_study(args) -> dict:
+    """One long prompt among short streams, in the engine without HTTP: for each `--chunk_study` value, `--short`
+    greedy requests of `--study_tokens` tokens start together; once each has streamed 4 tokens, a prompt of about
+    `--long_prompt_tokens` tokens (max_tokens 8) joins. Measured: the long request's time to first token, the
+    short streams' gaps between tokens (p50, p95, max) while it was admitted and over the whole run, and wall time.
+    The prefix cache is off, so every run prefills the long prompt whole."""
+    import torch
+
+    from alignkit.batching import Engine
+    from alignkit.data.tokenize import Formatting, prompt_text
+    from alignkit.models import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(MODEL)
+    model = load_causal_lm(MODEL).to(getattr(torch, args.dtype)).eval()
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    shorts = [encode(prompt_text(tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], Formatting())) for i in range(args.short)]
+    story = " ".join(PROMPTS) + " "
+    long_ids = (encode(story) * (args.long_prompt_tokens // len(encode(story)) + 1))[: args.long_prompt_tokens]
+    runs = []
+    for chunk in args.chunk_study:
+        # no stop token: every short stream runs its max_tokens, the same work in every run
+        engine = Engine(model, tokenizer, max_batch_rows=64, stop_token_ids=(-1,), prefix_cache_bytes=0, prefill_chunk=chunk).start()
+        try:
+            run = {"prefill_chunk": chunk, **_long_among_short(engine, shorts, long_ids, args.study_tokens)}
+        finally:
+            engine.shutdown()
+        print(run, flush=True)
+        runs.append(run)
+    return {"what": "one long prompt joins running short streams (engine, no HTTP)", "model": MODEL, "dtype": args.dtype,
+            "threads": args.threads, "short_requests": args.short, "short_max_tokens": args.study_tokens,
+            "long_prompt_tokens": len(long_ids), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": runs}
+
+
 DOCS = ROOT / "docs" / "serving.md"
 MARK_START, MARK_END = "<!-- serve-table:start -->", "<!-- serve-table:end -->"
 
@@ -292,11 +369,23 @@ def main() -> None:
     parser.add_argument("--budget_s", type=float, default=900, help="start no new level after this many seconds")
     parser.add_argument("--no-docs", dest="docs", action="store_false", help="leave docs/serving.md alone")
     parser.add_argument("--output", default=str(HERE / "results" / "serve.json"))
+    parser.add_argument("--chunk_study", default="", help="instead: prefill chunk sizes to compare with one long prompt, e.g. 0,64,256")
+    parser.add_argument("--long_prompt_tokens", type=int, default=1024, help="--chunk_study: the long prompt's length")
+    parser.add_argument("--short", type=int, default=8, help="--chunk_study: short streams running when it arrives")
+    parser.add_argument("--study_tokens", type=int, default=48, help="--chunk_study: max_tokens of the short streams")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_child(args)
+    if args.chunk_study:
+        args.chunk_study = [int(c) for c in args.chunk_study.split(",")]
+        result = chunk_study(args)
+        output = Path(args.output).with_name("serve_prefill_chunk.json")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.with_suffix(".json.tmp").write_text(json.dumps(result, indent=1) + "\n")
+        output.with_suffix(".json.tmp").replace(output)
+        return print(f"results in {output}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.servers = args.servers.split(",")
     unknown = set(args.servers) - {"alignkit", *LLAMA_SERVERS}

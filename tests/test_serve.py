@@ -285,10 +285,11 @@ def test_api_key_and_bind_policy(state):
             openai.OpenAI(base_url=background.url + "/v1", api_key="nope", max_retries=0).models.list()
 
 
-def test_prefix_cache_mb_flag_reaches_the_engine(model_dir):
+def test_prefix_cache_and_prefill_chunk_flags_reach_the_engine(model_dir):
     """`--prefix_cache_mb` sizes the engine's prefix cache: two requests sharing a long system prompt, over HTTP. With 0
     the second prompt is prefilled whole (no hit); with 64 MiB it reuses the block-aligned prefix it shares with the
-    first, counted independently from the two prompts' tokens. A negative size is refused, naming the flag."""
+    first, counted independently from the two prompts' tokens. A negative size is refused, naming the flag.
+    `--prefill_chunk_tokens` reaches the engine too (what the engine does with it: test_serve_batching.py)."""
     from alignkit.config import load_config
     from alignkit.decode import BLOCK
     from alignkit.packing import common_prefix_length
@@ -301,9 +302,11 @@ def test_prefix_cache_mb_flag_reaches_the_engine(model_dir):
     stats, prompt_tokens = {}, {}
     for megabytes in (0, 64):
         cfg = load_config(ServeConfig, overrides={"model_name_or_path": str(model_dir), "served_model_name": MODEL,
-                                                  "context_length": CONTEXT, "prefix_cache_mb": megabytes})
+                                                  "context_length": CONTEXT, "prefix_cache_mb": megabytes,
+                                                  "prefill_chunk_tokens": 8 + megabytes})
         served = load_state(cfg)
         try:
+            assert served.engine.prefill_chunk == 8 + megabytes
             with BackgroundServer(create_app(served)) as background:
                 api = openai.OpenAI(base_url=background.url + "/v1", api_key="unused", max_retries=0, timeout=60)
                 prompt_tokens[megabytes] = [api.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
