@@ -90,8 +90,9 @@ def check_exact_resume(arguments, tmp_path: Path, monkeypatch, kills: list[tuple
 
 
 def kill_step(name: str) -> int:
-    """A step in 1..3 of the 4, drawn from a generator seeded with the case's name (random, but the same everywhere)."""
-    return random.Random(name).randint(1, 3)
+    """A step in 2..3 of the 4 (so a checkpoint exists to resume from), drawn from a generator seeded with the
+    case's name (random, but the same everywhere)."""
+    return random.Random(name).randint(2, 3)
 
 
 def sft_arguments(model_dir, data: Path):
@@ -207,3 +208,21 @@ def test_a_bad_checkpoint_stops_every_fsdp_process_with_its_message(sft_full, ti
     assert output.count("cannot be loaded safely") >= 2, output[-3000:]  # both processes said it
     assert not re.search(r'File "[^"]*alignkit/', output), output[-3000:]  # no traceback from alignkit (accelerate's launcher prints its own)
     assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_another_number_of_processes_is_refused_before_loading(sft_full, tiny_model_dir, sft_data, tmp_path, monkeypatch):
+    """The files would load in one process, but the global batch, the data position and each process's RNG and
+    unlogged metric sums belong to 2: resuming the 2-process run in 1 is refused (exit code 2, both counts named),
+    nothing is written."""
+    from typer.testing import CliRunner
+
+    from alignkit.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_full, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = CliRunner().invoke(app, [*sft_arguments(tiny_model_dir, sft_data)(run), "--resume_from_checkpoint", "latest"])
+    assert result.exit_code == 2, result.output
+    assert "written by a run of 2 process(es), this one has 1" in result.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -136,6 +136,18 @@ def check_fingerprint(checkpoint: Path, cfg) -> None:
                          "Resume with the same settings, or start a new run in another --output_dir")
 
 
+def check_processes(checkpoint: Path) -> None:
+    """A checkpoint resumes with the number of processes that wrote it (the launcher's WORLD_SIZE): the global
+    batch (per-device batch x accumulation x processes), the data position and each process's RNG and unlogged
+    metric sums depend on it. Its files do not depend on the sharding (DDP and FSDP resume each other's)."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("processes")
+    now = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved is not None and saved != now:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: written by a run of {saved} process(es), this one has {now}: the global "
+                         f"batch and the data position would change. Resume with {saved} process(es) (accelerate launch --num_processes {saved}), "
+                         "or start a new run in another --output_dir")
+
+
 def check_config_file(output_dir: Path, cfg) -> None:
     """Resuming into a directory whose config.yaml (the run that wrote it) has other settings would mix two runs."""
     import yaml
@@ -192,6 +204,7 @@ def prepare_output_dir(cfg) -> Path | None:
             logger.warning("no checkpoint in %s: starting fresh", output_dir / "checkpoints")
         else:
             check_fingerprint(checkpoint, cfg)
+            check_processes(checkpoint)
         if cfg.overwrite_output_dir:
             remove_run_outputs(output_dir, found)
         elif found:
@@ -273,6 +286,7 @@ def save_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, s
     from safetensors.torch import save_file
 
     tmp = directory.with_name(f".tmp-{directory.name}")  # one name every process agrees on
+    state = {**state, "processes": accelerator.num_processes}  # a resumption must run as many (check_processes)
     step = int(directory.name.split("-")[1])
     if sharding.is_sharded(model):  # FSDP: every process sends its shards; rank 0 gets the full tensors, saved as 1 process saves them
         gathered = sharding.gather_checkpoint_state(model, optimizer)
@@ -331,7 +345,7 @@ def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -
         set_rng_state(rng)
         process_state = rng.get("process", {})
     state = json.loads((directory / "trainer_state.json").read_text())
-    return {k: v for k, v in state.items() if k not in ("fingerprint", "config")}, process_state
+    return {k: v for k, v in state.items() if k not in ("fingerprint", "config", "processes")}, process_state
 
 
 def _check_weights(directory: Path, weights: dict, params: dict) -> None:
