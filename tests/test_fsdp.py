@@ -151,18 +151,6 @@ def test_unsupported_sharding_is_refused_before_loading(flag, env, message, monk
     assert not (tmp_path / "out").exists()
 
 
-def test_ppo_under_fsdp_is_refused_before_loading(monkeypatch, tmp_path, tiny_model_dir):
-    """PPO's rollout calls the policy outside the sharded root's forward: refused (exit 2), DDP named instead."""
-    from alignkit.cli import app
-
-    fsdp_env(monkeypatch)
-    result = CliRunner().invoke(app, ["ppo", "--model_name_or_path", str(tiny_model_dir), "--dataset", "builtin:reversal",
-                                      "--reward_fn", "builtin:exact_match", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
-    assert result.exit_code == 2, result.output
-    assert "does not run under FSDP" in result.output and "configs/accelerate/ddp.yaml" in result.output
-    assert not (tmp_path / "out").exists()
-
-
 def test_eval_chunks_give_every_process_as_many_forwards():
     """7 examples, 2 processes, batches of 2: shares of 4 and 3 -> 2 batches each; every example counted once."""
     model = torch.nn.Linear(2, 2)

@@ -13,10 +13,16 @@ Gradients are reduce-scattered and averaged over processes as DDP averages them,
 The final save gathers one full state dict on rank 0 into an unsharded copy of the model made on the meta
 device before sharding (no memory), which the stage saves as usual. Checkpoints gather the trainable weights
 and the optimizer state the same way, into the files a 1-process run writes, and load by broadcasting them.
+
+PPO's no-grad phases (sampling, old log-probs, critic and reference passes) call the policy's parts outside the
+root's forward, and each process samples its own number of tokens: per-layer gathers would not pair up across
+processes. `gathered` gives them a plain unsharded copy holding the full weights (one gather of every parameter,
+then no collective until the phase ends); the training forward and backward go through the sharded root.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -48,15 +54,9 @@ def accelerate_shards(accelerator) -> bool:
 
 
 def check_fsdp_config(cfg) -> None:
-    """What alignkit's FSDP runs support, checked before any model loads (ValueError naming the setting): the
-    batch-loss trainers (SFT, RM, DPO), not PPO; without a GPU (this module's own path)
+    """What alignkit's FSDP runs support, checked before any model loads (ValueError naming the setting): every
+    trainer (SFT, RM, DPO, PPO/RLOO/GRPO); without a GPU (this module's own path)
     FSDP2 only, without offloading or accelerate's activation checkpointing."""
-    from alignkit.config import PPOConfig
-
-    if isinstance(cfg, PPOConfig):
-        raise ValueError("alignkit ppo (and rloo, grpo) does not run under FSDP yet: its rollout calls the policy outside the "
-                         "sharded model's forward, and processes sample different numbers of tokens. Use "
-                         "configs/accelerate/ddp.yaml (or torchrun)")
     if not torch.cuda.is_available():
         _check_cpu_settings()
 
@@ -112,8 +112,7 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(layer, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
     # what this process really holds (tests read this line: under a silent fall-back to DDP it would be everything)
-    local = sum(p.to_local().numel() for p in model.parameters())
-    total = sum(p.numel() for p in model.parameters())
+    local, total = local_elements(model)
     logger.info("FSDP2: rank %d holds %d of %d parameter elements (%d units of %s, plus the root)", torch.distributed.get_rank(),
                 local, total, len(layers), ", ".join(sorted(classes)))
     return model
@@ -155,9 +154,51 @@ def final_model(accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
         return None
     twin = _SKELETONS[model]
     twin.load_state_dict(full, assign=True, strict=True)
-    if hasattr(twin, "tie_weights"):
-        twin.tie_weights()  # assign=True gives each tied name its own tensor; make them one again
+    _retie(twin)
     return twin
+
+
+def _retie(model: torch.nn.Module) -> None:
+    """assign=True gives each tied name its own tensor: make them one again in every transformers model inside
+    `model` (a peft wrapper's, PPO's policy and critic)."""
+    from transformers import PreTrainedModel
+
+    inside: set[int] = set()
+    for module in model.modules():  # pre-order: the outermost transformers model of each subtree comes first
+        if id(module) not in inside and isinstance(module, PreTrainedModel):
+            module.tie_weights()
+            inside.update(id(m) for m in module.modules())
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """For phases without gradients that call a model's parts outside its forward, each process on its own (PPO's
+    sampling, old log-probs, critic and reference passes): yields the model itself when it is not sharded, else an
+    unsharded copy holding the full weights on every process, built from one gather of every parameter (every
+    process must enter together). The phase then runs with no collective; the copy is dropped at the end, so the
+    full weights live only during the phase (as FSDP's own unshard would hold them). The sharded model is left as
+    it was: its training forward and backward gather layer by layer as usual."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # no cpu_offload: every rank gets it
+    copy_ = meta_twin(_SKELETONS[model])  # a fresh copy: the skeleton stays empty for the final save
+    copy_.load_state_dict(full, assign=True, strict=True)
+    _retie(copy_)
+    del full
+    with torch.no_grad():
+        yield copy_
+
+
+def local_elements(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameter elements this process holds, elements of the whole model): for an FSDP-sharded model at rest
+    about total / processes; an unsharded model (or a layer left gathered) holds all of its elements."""
+    from torch.distributed.tensor import DTensor
+
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    return local, sum(p.numel() for p in model.parameters())
 
 
 def eval_chunks(model: torch.nn.Module, examples: list, rank: int, world: int, size: int) -> list[tuple[list, bool]]:
