@@ -11,6 +11,7 @@ file per process. Resuming broadcasts them from rank 0 and every process keeps i
   the same order (one thread per process; gloo's 2-process reductions are deterministic), and everything carried
   across the kill (weight and Adam-moment shards, each process's RNG and unlogged metric sums) is stored bit for bit.
 - The format does not depend on the sharding: a DDP launch resumes an FSDP checkpoint, and FSDP resumes a DDP one.
+- PPO (with a separate critic) resumes exactly under FSDP too.
 """
 
 from __future__ import annotations
@@ -130,6 +131,27 @@ def test_dpo_with_lora_under_fsdp_resumes_exactly(tiny_model_dir, tmp_path, monk
     check_exact_resume(arguments, tmp_path, monkeypatch, [("ALIGNKIT_KILL_AT_STEP", kill_step("fsdp-dpo-lora"))])
     saved = load_file(str(tmp_path / "cut" / "checkpoints" / "step-4" / "trainable.safetensors"))
     assert saved and all("lora_" in name for name in saved)
+
+
+@pytest.fixture(scope="module")
+def ppo_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("fsdp-ckpt-ppo")
+    rows = tasks.make_mixture(["reversal", "arithmetic"], "train", 6, seed=1)
+    write_jsonl([{"prompt": r["prompt"]} for r in rows], folder / "prompts.jsonl")
+    (folder / "reward.py").write_text("def words(prompts, responses, **columns):\n    return [float(len(r.split())) for r in responses]\n")
+    return folder
+
+
+def test_ppo_with_a_separate_critic_under_fsdp_resumes_exactly(tiny_model_dir, ppo_files, tmp_path, monkeypatch):
+    """PPO whose sharded model holds two transformers (policy and critic, each with tied embeddings), sampling at
+    temperature 1 from each process's own RNG: the policy and the critic come back bit for bit, and so do the rows."""
+    arguments = lambda output_dir: [  # noqa: E731
+        "ppo", "--model_name_or_path", str(tiny_model_dir), "--critic_model", str(tiny_model_dir), "--dataset", str(ppo_files / "prompts.jsonl"),
+        "--reward_fn", f"{ppo_files / 'reward.py'}:words", "--output_dir", str(output_dir), "--max_steps", "4", "--rollout_batch_size", "4",
+        "--mini_batch_size", "2", "--num_ppo_epochs", "2", "--max_new_tokens", "4", "--learning_rate", "1e-3", "--lr_scheduler_type", "linear",
+        "--logging_steps", "1", "--no_progress", "--save_steps", "1"]
+    check_exact_resume(arguments, tmp_path, monkeypatch, [("ALIGNKIT_KILL_AT_STEP", kill_step("fsdp-ppo-critic"))])
+    assert {name.split(":")[0] for name in weights(tmp_path / "cut")} == {"model.safetensors", "critic/model.safetensors"}
 
 
 # ---------------------------------------------------------------------------------------------
