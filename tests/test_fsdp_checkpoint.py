@@ -248,3 +248,18 @@ def test_another_number_of_processes_is_refused_before_loading(sft_full, tiny_mo
     assert result.exit_code == 2, result.output
     assert "written by a run of 2 process(es), this one has 1" in result.output
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_an_optimizer_state_of_another_model_is_refused():
+    """Rank 0 checks the saved optimizer state against the optimizer before broadcasting it (so every process gets
+    the message): the same groups and parameter numbers pass; another model's are refused with both sizes."""
+    from alignkit.train import sharding
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    sharding.check_optimizer_state(optimizer, optimizer.state_dict())
+    other = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+    with pytest.raises(ValueError, match=r"groups of sizes \[4\] for an optimizer whose groups have \[2\] parameters"):
+        sharding.check_optimizer_state(other, optimizer.state_dict())

@@ -358,21 +358,22 @@ def _load_sharded(directory: Path, accelerator, model, optimizer, scheduler) -> 
     """FSDP: rank 0 reads the checkpoint (the 1-process format) and broadcasts it; each process keeps its shards.
     Rank 0 tells every process whether the files loaded, so a bad checkpoint stops them all with its message
     (rather than leaving the others waiting for tensors that never come)."""
-    weights = saved = None
+    weights = optimizer_state = None
     message: list = [None, None]  # [error, the scheduler's state]
     if accelerator.is_main_process:
         try:
             weights = _safe_load(directory / "trainable.safetensors")
             _check_weights(directory, weights, dict(model.named_parameters()))
             saved = _safe_load(directory / "optimizer.pt")
-            message = [None, saved["scheduler"]]
-        except ValueError as error:
-            message = [str(error), None]
+            optimizer_state, message = saved["optimizer"], [None, saved["scheduler"]]
+            sharding.check_optimizer_state(optimizer, optimizer_state)
+        except (ValueError, KeyError, TypeError) as error:
+            message = [f"--resume_from_checkpoint {directory}: {error}" if isinstance(error, (KeyError, TypeError)) else str(error), None]
     torch.distributed.broadcast_object_list(message, src=0)
     if message[0]:
         raise ValueError(message[0])
     scheduler.load_state_dict(message[1])
-    sharding.load_checkpoint_state(model, optimizer, weights, saved["optimizer"] if saved else None)
+    sharding.load_checkpoint_state(model, optimizer, weights, optimizer_state)
 
 
 def drop_later_checkpoints(output_dir: Path, step: int) -> None:

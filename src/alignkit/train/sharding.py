@@ -254,6 +254,17 @@ def gather_checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optim
     return {name: value.contiguous() for name, value in weights.items() if name in trainable}, optim
 
 
+def check_optimizer_state(optimizer: torch.optim.Optimizer, optim: dict) -> None:
+    """A saved optimizer state dict fits this optimizer: as many groups, and state only for its parameters
+    (ValueError otherwise, as torch's load_state_dict would say)."""
+    inner = _torch_optimizer(optimizer)
+    count = sum(len(group["params"]) for group in inner.param_groups)
+    sizes = [len(group["params"]) for group in optim["param_groups"]]
+    if sizes != [len(group["params"]) for group in inner.param_groups] or any(not 0 <= i < count for i in optim["state"]):
+        raise ValueError(f"optimizer.pt holds parameter groups of sizes {sizes} for an optimizer whose groups have "
+                         f"{[len(group['params']) for group in inner.param_groups]} parameters (a checkpoint of another model?)")
+
+
 def load_checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict | None, optim: dict | None) -> None:
     """Load trainable weights and an optimizer state dict in the 1-process format (given on rank 0, None elsewhere)
     into a sharded model and its optimizer: rank 0 broadcasts each full tensor, every process keeps its shard.
