@@ -263,3 +263,60 @@ def test_an_optimizer_state_of_another_model_is_refused():
     other = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
     with pytest.raises(ValueError, match=r"groups of sizes \[4\] for an optimizer whose groups have \[2\] parameters"):
         sharding.check_optimizer_state(other, optimizer.state_dict())
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one process, in this process: FSDP2 shards over it (every shard is whole), so the
+    gather and broadcast code runs without a launch."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_and_load_give_the_files_of_an_unsharded_model(tiny_model_dir, one_process_group):
+    """In one process group: before any step the optimizer state saved is torch's empty one, without the step of
+    lr 0 torch's helper would take to fill it; after a step, the gathered weights and optimizer state equal an
+    unsharded model's after the same step (bitwise: a group of one reduces nothing); loading them into a fresh
+    sharded model and optimizer gives them back bitwise, the hyperparameters too; a parameter without optimizer
+    state in the checkpoint gets none."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.train import sharding
+    from alignkit.train.checkpoint import trainable_state
+
+    def model_and_optimizer(shard: bool, lr: float = 1e-3):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model = sharding.shard(model) if shard else model
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+
+    plain, plain_optimizer = model_and_optimizer(False)
+    sharded, sharded_optimizer = model_and_optimizer(True)
+    _, empty = sharding.gather_checkpoint_state(sharded, sharded_optimizer)
+    assert empty == plain_optimizer.state_dict() and not sharded_optimizer.state
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    for model, optimizer in ((plain, plain_optimizer), (sharded, sharded_optimizer)):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    weights, state = sharding.gather_checkpoint_state(sharded, sharded_optimizer)
+    expected_weights, expected_state = trainable_state(plain), plain_optimizer.state_dict()
+    assert weights.keys() == expected_weights.keys() and all(torch.equal(weights[n], expected_weights[n]) for n in weights)
+    assert state["param_groups"] == expected_state["param_groups"] and state["state"].keys() == expected_state["state"].keys()
+    assert all(torch.equal(state["state"][i][k], expected_state["state"][i][k]) for i in state["state"] for k in state["state"][i])
+
+    partial = copy.deepcopy(expected_state)
+    del partial["state"][3]
+    fresh, fresh_optimizer = model_and_optimizer(True, lr=5.0)  # the saved learning rate must replace 5.0
+    sharding.load_checkpoint_state(fresh, fresh_optimizer, {n: t.clone() for n, t in expected_weights.items()}, copy.deepcopy(partial))
+    weights, state = sharding.gather_checkpoint_state(fresh, fresh_optimizer)
+    assert all(torch.equal(weights[n], expected_weights[n]) for n in weights)
+    assert state["param_groups"] == expected_state["param_groups"] and state["state"].keys() == partial["state"].keys()
+    assert all(torch.equal(state["state"][i][k], partial["state"][i][k]) for i in state["state"] for k in state["state"][i])
