@@ -9,6 +9,8 @@ far. Tokens are counted TRL's way on both sides: prompt+chosen plus prompt+rejec
 `tokens`), so tokens/s is proportional to pairs/s. Four tools: `alignkit` and `trl` with a reference model
 run every step (the default of both), and `alignkit-precompute` / `trl-precompute` with
 --precompute_ref_log_probs, whose steady-state step shows what dropping the reference forward pass is worth.
+A fifth, `alignkit-flex` (CUDA only), runs `alignkit` with --attention_kernel flex: the prompt-shared rows of
+policy and reference on FlexAttention block masks instead of SDPA with a dense 4-D mask; compared with `trl`.
 
 Data: `tiny` uses built-in preference pairs (comparison, arithmetic: short answers after a chat prompt);
 `smollm` uses real pairs, text-davinci-003 over davinci for Self-Instruct instructions, built by
@@ -36,7 +38,7 @@ CASES = {  # steps, of which the first `warmup` are left out of the steady state
     "smollm": dict(model="smollm2-135m-instruct", data="dpo_self_instruct.jsonl", batch=4, steps=6, warmup=2, max_length=512,
                    lr=1e-6, beta=0.1),
 }
-TOOLS = ("alignkit", "trl", "alignkit-precompute", "trl-precompute")
+TOOLS = ("alignkit", "trl", "alignkit-precompute", "trl-precompute", "alignkit-flex")  # flex: --attention_kernel flex (CUDA)
 
 
 def worker(tool: str, job: dict) -> dict:
@@ -52,7 +54,7 @@ def worker(tool: str, job: dict) -> dict:
     from alignkit.train.dpo import run_dpo
 
     config = DPOConfig(**alignkit_config(job), per_device_eval_batch_size=job["batch"], beta=job["beta"],
-                       loss_type="sigmoid", precompute_ref_log_probs=precompute)
+                       loss_type="sigmoid", precompute_ref_log_probs=precompute, attention_kernel="flex" if variant == "flex" else "dense")
     return run_alignkit(run_dpo, config, logged={"margins": "rewards/margins"})
 
 
@@ -89,7 +91,7 @@ def cut_note(results: dict) -> list[str]:
 
 
 def same_variant(tool: str) -> str:
-    return "trl" + tool[len("alignkit"):]  # alignkit-precompute against trl-precompute
+    return "trl-precompute" if tool.endswith("-precompute") else "trl"  # alignkit-precompute against trl-precompute
 
 
 def options(parser) -> None:

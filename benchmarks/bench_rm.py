@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """alignkit rm vs TRL RewardTrainer: same model, pairs, hyperparameters and venv; alternating runs (A B A B).
 
-    python benchmarks/bench_rm.py --which tiny|smollm|both --repeats 2 [--variants flat,fused]
+    python benchmarks/bench_rm.py --which tiny|smollm|both --repeats 2 [--variants flat,fused,flex]
 
 Like bench_sft.py (the harness is in common.py): each run is its own subprocess, so peak RSS and wall time
 are its own; each worker stamps the wall clock at every optimizer step next to the non-padding tokens
@@ -10,7 +10,8 @@ those of prompt+rejected (alignkit's `tokens`), so tokens/s is proportional to p
 each prompt once per pair (shared-prompt rows, see alignkit/train/rm.py). Ablations, as extra tools:
 `--variants flat` runs alignkit with one padded row per response as TRL does (what the shared-prompt
 layout is worth); `--variants fused` runs it with a fused AdamW (TRL's default optimizer; alignkit's
-loop uses torch's default, per-tensor AdamW).
+loop uses torch's default, per-tensor AdamW); `--variants flex` runs it with `--attention_kernel flex` (the
+shared-prompt rows on FlexAttention block masks; CUDA only).
 
 Data: `tiny` uses built-in preference pairs (comparison, arithmetic: short answers after a chat prompt);
 `smollm` uses real pairs, text-davinci-003 over davinci for 200 Self-Instruct instructions, built by
@@ -59,7 +60,7 @@ def worker(tool: str, job: dict) -> dict:
             return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
 
         loop.make_optimizer = fused
-    return run_alignkit(rm.run_rm, RMConfig(**alignkit_config(job)))
+    return run_alignkit(rm.run_rm, RMConfig(**alignkit_config(job), attention_kernel="flex" if variant == "flex" else "dense"))
 
 
 def prepare(case: str) -> tuple[str, str] | None:
@@ -74,7 +75,7 @@ def metrics(trace: Trace) -> dict:
 
 
 def options(parser) -> None:
-    parser.add_argument("--variants", default="", help="comma-separated ablations run as extra tools: flat, fused")
+    parser.add_argument("--variants", default="", help="comma-separated ablations run as extra tools: flat, fused, flex")
 
 
 def tools(args) -> list[str]:
@@ -82,7 +83,7 @@ def tools(args) -> list[str]:
 
 
 STAGE = Stage(
-    name="rm", script=__file__, doc=__doc__, cases=CASES, tools=("alignkit", "trl", "alignkit-flat", "alignkit-fused"),
+    name="rm", script=__file__, doc=__doc__, cases=CASES, tools=("alignkit", "trl", "alignkit-flat", "alignkit-fused", "alignkit-flex"),
     worker=worker, prepare=prepare, metrics=metrics, options=options, pick_tools=tools,
     settings=f"{SHARED_SETTINGS}, same chat-templated tokens, tokens = those of prompt+chosen and prompt+rejected "
              f"(TRL's count) on both sides, {SAVED_AND_OPTIMIZERS} and head init (alignkit N(0, 1/sqrt(d+1)); TRL "

@@ -111,6 +111,26 @@ def test_a_changed_section_changes_its_stage_and_those_downstream_only():
     assert fingerprints(load_recipe(DEMO)) == before  # a pure function of the recipe
 
 
+def test_mixed_precision_reaches_every_training_stage_and_their_fingerprints(tmp_path):
+    """The recipe's mixed_precision is each training stage's --mixed_precision (the demo asks for auto); changing it
+    reruns the training stages and what reads them, never the data stage; a value outside the choices is refused
+    naming the file, line and key."""
+    from alignkit.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
+    from alignkit.pipeline.stages import train_config
+
+    demo = load_recipe(DEMO)
+    assert demo.mixed_precision == "auto"
+    bf16 = dataclasses.replace(demo, mixed_precision="bf16")
+    for cls, stage in ((SFTConfig, "sft"), (RMConfig, "rm"), (PPOConfig, "ppo"), (DPOConfig, "dpo")):
+        assert train_config(cls, bf16, tmp_path, stage, False).mixed_precision == "bf16", stage
+    before, after = fingerprints(demo), fingerprints(bf16)
+    assert {s for s in before if before[s] != after[s]} == set(before) - {"data"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\nmixed_precision: half\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml:2: 'mixed_precision' is 'half'; valid: no, bf16, fp16, auto"):
+        load_recipe(bad)
+
+
 def _recorded(run: Path, recipe, status: dict | None = None) -> None:
     """stage.json for every stage of `recipe` as a finished run leaves it (status 'done' unless given)."""
     from alignkit.pipeline.fingerprint import write_stage

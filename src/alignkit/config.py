@@ -299,6 +299,9 @@ class TrainConfig:
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass (less memory, ~30% more compute)")
     report_to: str = knob("none", "where metrics go besides metrics.jsonl", choices=("none", "tensorboard", "wandb"))
     torch_dtype: str = knob("float32", "dtype the weights are loaded in", choices=("float32", "bfloat16", "float16", "auto"))
+    attention_kernel: str = knob("dense", "attention for prefix-shared rows (reward model, DPO, PPO passes): the dense 4-D mask "
+                                 "through SDPA, FlexAttention block masks (CUDA only), or auto: flex on a CUDA GPU, dense elsewhere",
+                                 choices=("auto", "dense", "flex"))
 
     def validate(self) -> None:
         """Rules that involve several fields or the machine; every value already passed its own declaration."""

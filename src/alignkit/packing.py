@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.attention import TREE_FLEX, tree_block_mask
 from alignkit.models import unwrap_base
 
 
@@ -26,7 +27,7 @@ def supports_custom_masks(model) -> bool:
     """Prefix-shared rows need attention that takes a custom 4-D mask and position ids as given;
     sliding-window attention would ignore its window under a custom mask."""
     config = unwrap_base(model).config
-    return config._attn_implementation in ("sdpa", "eager") and getattr(config, "sliding_window", None) is None
+    return config._attn_implementation in ("sdpa", "eager", TREE_FLEX) and getattr(config, "sliding_window", None) is None
 
 
 def tree_mask(segment: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
@@ -55,8 +56,11 @@ def tree_mask(segment: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
 
 def for_attention(mask: torch.Tensor, model) -> torch.Tensor:
     """The boolean mask as the model's attention takes it: sdpa reads "may attend" booleans; eager adds
-    the mask to the scores, so it gets 0 / −large."""
-    if unwrap_base(model).config._attn_implementation == "sdpa":
+    the mask to the scores, so it gets 0 / −large; --attention_kernel flex takes it as a FlexAttention block mask."""
+    implementation = unwrap_base(model).config._attn_implementation
+    if implementation == TREE_FLEX:
+        return tree_block_mask(mask)
+    if implementation == "sdpa":
         return mask
     return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
 

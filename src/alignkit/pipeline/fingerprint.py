@@ -34,11 +34,11 @@ INPUTS = {
 # the recipe's shared keys each stage reads
 SHARED = {
     "data": ("model", "seed"),  # self_instruct generates with the model
-    "sft": ("model", "seed"),
+    "sft": ("model", "seed", "mixed_precision"),
     "compare": ("seed", "gold_judge"),
-    "rm": ("seed",),
-    "ppo": ("seed", "gold_judge"),
-    "dpo": ("seed",),
+    "rm": ("seed", "mixed_precision"),
+    "ppo": ("seed", "gold_judge", "mixed_precision"),
+    "dpo": ("seed", "mixed_precision"),
     "eval": ("model", "seed", "gold_judge"),
     "report": (),
 }

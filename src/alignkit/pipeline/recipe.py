@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.config import ConfigError, read_yaml
+from alignkit.precision import MIXED_PRECISIONS
 
 STAGES = ("data", "sft", "compare", "rm", "ppo", "dpo", "eval", "report")
 JUDGES = ("gold", "llm", "human")
@@ -121,6 +122,7 @@ class Recipe:
     model: str = "smollm2-135m-instruct"  # the pretrained model: HF dir, hub id or built-in name
     seed: int = 0  # every stage's seed
     gold_judge: str = "alignkit.pipeline.judges:task_gold"  # programmatic judge (reward function spec); the gold in the report
+    mixed_precision: str = "auto"  # no | bf16 | fp16 | auto: every training stage's autocast (auto: bf16 where the CPU/GPU has it, else fp32)
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # stages this recipe runs, in pipeline order
     data: DataRecipe = field(default_factory=DataRecipe)
     sft: SFTRecipe = field(default_factory=SFTRecipe)
@@ -201,6 +203,7 @@ def _check_choices(recipe: Recipe, where) -> None:
     choices = [
         ("data.source", recipe.data.source, DATA_SOURCES), ("compare.judge", recipe.compare.judge, JUDGES),
         ("ppo.algorithm", recipe.ppo.algorithm, ("ppo", "rloo", "grpo")),
+        ("mixed_precision", recipe.mixed_precision, MIXED_PRECISIONS),
     ]
     for name, value, allowed in choices:
         if value not in allowed:

@@ -34,7 +34,7 @@ def model_path(recipe: Recipe, run: Path) -> str:
 
 def train_config(cls: type, recipe: Recipe, run: Path, stage: str, resume: bool, **values):
     """cls(**values) plus the knobs every pipeline training stage shares; only fields `cls` has are passed."""
-    shared = dict(output_dir=str(run / stage), seed=recipe.seed, logging_steps=1, progress=sys.stderr.isatty(),
+    shared = dict(output_dir=str(run / stage), seed=recipe.seed, mixed_precision=recipe.mixed_precision, logging_steps=1, progress=sys.stderr.isatty(),
                   resume_from_checkpoint="latest" if resume else "", overwrite_output_dir=not resume, save_total_limit=2)
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in {**shared, **values}.items() if k in names})

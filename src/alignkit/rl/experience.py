@@ -145,8 +145,10 @@ class Experience:
 
 
 def make_experience(cfg: PPOConfig, procs: Processes, policy: ActorCritic, ref, reward, tokenizer, batch: list[PromptExample],
-                    step: int, beta: float, device) -> Experience:
-    """Steps 1–4 of the iteration on this process's prompts (`policy` unwrapped: these passes need no gradient sync)."""
+                    step: int, beta: float, device, critic_graph: bool = True) -> Experience:
+    """Steps 1–4 of the iteration on this process's prompts (`policy` unwrapped: these passes need no gradient sync).
+    `critic_graph`: a separate critic's pass may keep its graph for the first update (not when `policy` is a
+    gathered copy of an FSDP-sharded policy: gradients must reach the shards, so the update reruns that forward)."""
     seconds, clock = {}, [time.perf_counter()]
 
     def lap(name: str) -> None:
@@ -170,7 +172,7 @@ def make_experience(cfg: PPOConfig, procs: Processes, policy: ActorCritic, ref, 
     else:
         old_logp, entropy, old_values = forward_all(lm, episodes, cfg, value_head=policy.value_head, entropy=True)
     first_values = None
-    if policy.critic is not None and one_minibatch(cfg):
+    if policy.critic is not None and one_minibatch(cfg) and critic_graph:
         # the critic has not moved when the only minibatch's first update runs: this pass, graph kept, is its forward
         first_values = critic_first_pass(policy.critic, episodes, cfg)
         old_values = first_values.detach()

@@ -51,6 +51,7 @@ from alignkit.losses import KL_ESTIMATORS, kl_controller, kl_penalty, ppo_policy
 from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model, unwrap_base
 from alignkit.rl.experience import Experience, Processes, make_experience, score_responses
 from alignkit.rl.rollout import ActorCritic
+from alignkit.train import sharding
 from alignkit.train.checkpoint import prepare_output_dir
 from alignkit.train.loop import Engine, Iterations, check_engine_flags, forward_context, micro_batches, optimizer_step, train, training_device
 
@@ -91,6 +92,7 @@ def _ptx_examples(cfg: PPOConfig, tokenizer) -> list:
 def optimize(cfg: PPOConfig, procs: Processes, engine: Engine, exp: Experience, step: int, ptx: list, state: dict, pad_id: int) -> dict:
     """Step 5: epochs × minibatches of the global batch, one optimizer step each, through the prepared
     (DDP) module; `state["ptx_batches"]` counts the PPO-ptx batches drawn (a function of it, so resume replays them)."""
+    from alignkit.train.sft import SFTExample
     from alignkit.train.sft import collate as sft_collate
 
     accelerator, model, device = engine.accelerator, engine.model, engine.accelerator.device
@@ -114,8 +116,11 @@ def optimize(cfg: PPOConfig, procs: Processes, engine: Engine, exp: Experience, 
                 ptx_rows = next(micro_batches(len(ptx), cfg.mini_batch_size, cfg.seed + 1, state["ptx_batches"]))
                 state["ptx_batches"] += 1
                 normalizer = max(sum(sum(ptx[i].weights[1:]) for i in ptx_rows), 1e-12)
-                if ptx_rows[procs.rank :: procs.world]:
-                    ptx_batch = {k: v.to(device) for k, v in sft_collate([ptx[i] for i in ptx_rows[procs.rank :: procs.world]], pad_id).items()}
+                share = [ptx[i] for i in ptx_rows[procs.rank :: procs.world]]
+                if not share and sharding.is_sharded(model):  # FSDP: every process runs as many layer forwards (each gathers weights)
+                    share = [SFTExample(ptx[ptx_rows[0]].input_ids, [0.0] * len(ptx[ptx_rows[0]].weights))]  # weight 0: adds nothing
+                if share:
+                    ptx_batch = {k: v.to(device) for k, v in sft_collate(share, pad_id).items()}
             with forward_context(cfg, device):
                 out, ptx_sum = model(exp.episodes.select(slots), cfg.temperature, cfg.shared_prefix_tokens, values, ptx_batch)
             # sums over this process's rows: policy loss, clipped, value loss, value clipped, k3 KL to π_old, ptx loss
@@ -245,14 +250,19 @@ class PPORun:
         kl_control = self.kl_control
         mine = [self.prompts[i] for i in next(self.stream)][procs.rank :: procs.world]
         batch = [p for p in mine for _ in range(k)]
-        policy = engine.accelerator.unwrap_model(engine.model)
-        with forward_context(cfg, device):  # sampling, scoring, reference and critic passes
-            exp = make_experience(cfg, procs, policy, self.ref, self.reward, self.tokenizer, batch, step, kl_control.value, device)
+        sharded = sharding.is_sharded(engine.model)
+        # sampling, scoring, reference and critic passes: on the whole policy (under FSDP a gathered copy, see sharding.gathered)
+        with sharding.gathered(engine.accelerator.unwrap_model(engine.model)) as policy, forward_context(cfg, device):
+            exp = make_experience(cfg, procs, policy, self.ref, self.reward, self.tokenizer, batch, step, kl_control.value, device,
+                                  critic_graph=not sharded)
         if self.gold is not None:  # the same samples, scored by the gold function
             gold_raw, _ = score_responses(self.gold, exp.episodes, batch, device)
             exp.stats["gold_score"] = float(procs.gather(gold_raw).mean())
             self._watch_overoptimization(step, exp.stats)
         update = optimize(cfg, procs, engine, exp, step, self.ptx, self.state, self.tokenizer.pad_token_id)
+        if sharded:  # what this process holds after the update (tests read it: a no-op shard would hold everything)
+            logger.info("FSDP2: rank %d holds %d of %d policy parameter elements after iteration %d", procs.rank,
+                        *sharding.local_elements(engine.model), step)
         self.state["updates"] += update["ppo_updates"]
         kl_control.update(exp.stats["kl"], len(exp.lengths))
         self.state["kl_coef"] = kl_control.value

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from alignkit.attention import use_attention_kernel
 from alignkit.config import DPOConfig
 from alignkit.data.formats import InvalidRows
 from alignkit.data.preferences import load_preferences, tokenize_preferences
@@ -252,6 +253,9 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if cfg.loss_type == "simpo" and (cfg.ref_model or cfg.precompute_ref_log_probs):
         logger.warning("simpo is reference-free: --ref_model / --precompute_ref_log_probs are ignored")
     reference = make_reference(cfg, model, starting_adapter)
+    use_attention_kernel(model, cfg.attention_kernel)  # here, not only in train(): precompute_reference runs first
+    if hasattr(reference, "model"):
+        use_attention_kernel(reference.model, cfg.attention_kernel)
     pad_id = tokenizer.pad_token_id
     shared = supports_custom_masks(model) and (not hasattr(reference, "model") or supports_custom_masks(reference.model))
     if reference is not None and cfg.precompute_ref_log_probs:

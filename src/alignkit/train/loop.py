@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from alignkit import atomic
+from alignkit.attention import flex_refusal, use_attention_kernel
 from alignkit.config import TrainConfig, save_config
 from alignkit.train.checkpoint import (  # noqa: F401  (find_checkpoint, trainable_state: used by ppo and tests)
     advance_schedule, drop_later_checkpoints, find_checkpoint, kill_point, load_checkpoint, nonfinite_step, prepare_output_dir, save_checkpoint,
@@ -238,9 +239,11 @@ def check_sharding_backend(cfg: TrainConfig) -> None:
 
 def check_engine_flags(cfg: TrainConfig) -> None:
     """The engine's flags, checked before any model loads: --mixed_precision is resolved ("auto" -> bf16 | no,
-    fp16 off CUDA refused) and --report_to must name a destination that is available."""
+    fp16 off CUDA refused), --attention_kernel flex needs CUDA, and --report_to must name a destination that is available."""
     cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     check_sharding_backend(cfg)
+    if (why := flex_refusal(cfg.attention_kernel)) is not None:
+        raise ValueError(f"--attention_kernel: {why}")
     if cfg.report_to not in REPORT_TO:
         raise ValueError(f"--report_to must be one of {' | '.join(REPORT_TO)}, got {cfg.report_to!r}")
     if cfg.report_to == "wandb":
@@ -417,6 +420,7 @@ def train(stage: Stage | Iterations, cfg: TrainConfig) -> dict:
     batch_loss = isinstance(stage, Stage)
 
     model = stage.model
+    use_attention_kernel(model, cfg.attention_kernel)  # before sharding wraps it; a no-op for dense
     model.train(batch_loss)  # iterations (PPO) keep dropout off: sampling and training log-probs must agree
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, in_eval_mode=not batch_loss)
