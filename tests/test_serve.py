@@ -285,6 +285,44 @@ def test_api_key_and_bind_policy(state):
             openai.OpenAI(base_url=background.url + "/v1", api_key="nope", max_retries=0).models.list()
 
 
+def test_prefix_cache_and_prefill_chunk_flags_reach_the_engine(model_dir):
+    """`--prefix_cache_mb` sizes the engine's prefix cache: two requests sharing a long system prompt, over HTTP. With 0
+    the second prompt is prefilled whole (no hit); with 64 MiB it reuses the block-aligned prefix it shares with the
+    first, counted independently from the two prompts' tokens. A negative size is refused, naming the flag.
+    `--prefill_chunk_tokens` reaches the engine too (what the engine does with it: test_serve_batching.py)."""
+    from alignkit.config import load_config
+    from alignkit.decode import BLOCK
+    from alignkit.packing import common_prefix_length
+    from alignkit.serve.commands import app
+
+    refused = CliRunner().invoke(app, ["serve", "--model_name_or_path", "does/not/matter", "--prefix_cache_mb", "-1"])
+    assert refused.exit_code == 2 and "--prefix_cache_mb" in refused.output and ">= 0" in refused.output, refused.output
+    system = {"role": "system", "content": "You are a careful, patient and friendly assistant. Answer briefly and kindly."}
+    conversations = [[system, *user("what is a lighthouse?")], [system, *user("why is the sea salty?")]]
+    stats, prompt_tokens = {}, {}
+    for megabytes in (0, 64):
+        cfg = load_config(ServeConfig, overrides={"model_name_or_path": str(model_dir), "served_model_name": MODEL,
+                                                  "context_length": CONTEXT, "prefix_cache_mb": megabytes,
+                                                  "prefill_chunk_tokens": 8 + megabytes})
+        served = load_state(cfg)
+        try:
+            assert served.engine.prefill_chunk == 8 + megabytes
+            with BackgroundServer(create_app(served)) as background:
+                api = openai.OpenAI(base_url=background.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+                prompt_tokens[megabytes] = [api.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+                                            .usage.prompt_tokens for messages in conversations]
+            stats[megabytes] = dict(served.engine.stats)
+            prompts = [served.tokenizer(prompt_text(served.tokenizer, m, Formatting()), add_special_tokens=False)["input_ids"]
+                       for m in conversations]
+        finally:
+            served.engine.shutdown()
+    assert prompt_tokens[0] == prompt_tokens[64] == [len(p) for p in prompts]
+    shared = min(common_prefix_length(prompts), len(prompts[1]) - 1) // BLOCK * BLOCK
+    assert shared >= BLOCK
+    assert stats[0]["prefix_hit_tokens"] == 0 and stats[0]["prefill_tokens"] == sum(prompt_tokens[0])
+    assert stats[64]["prefix_hit_tokens"] == shared and stats[64]["prefill_tokens"] == sum(prompt_tokens[64]) - shared
+
+
 def test_client_disconnect_mid_stream_frees_its_slot(state, server):
     engine = state.engine
     before = dict(engine.stats)

@@ -3,6 +3,7 @@ batch without recomputing it, the prefix cache, against answers computed indepen
 
 from __future__ import annotations
 
+import functools
 import queue
 
 import pytest
@@ -213,3 +214,48 @@ def test_prefix_cache_is_least_recently_used_within_its_memory_bound():
     cache.store(c, kv(BLOCK))  # over the bound: b goes
     assert cache.lookup(b, 100)[0] == 0 and cache.lookup(a, 100)[0] == 2 * BLOCK and cache.lookup(c, 100)[0] == BLOCK
     assert cache.nbytes == 3 * BLOCK * per_token
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_steps(tiny, chunk):
+    """A long prompt arrives while a request is decoding. With prefill_chunk=8 its prefill runs 8 positions at a
+    time, and between two chunks the running row takes one decoding step (its stream goes on); with 0 it is
+    prefilled in one call and the running row waits. The model's calls are recorded in order (the long request
+    is submitted from inside the third decoding step, so the interleaving does not depend on timing). Both
+    requests' greedy tokens are what each gets alone, so the chunks build the same KV as one call."""
+    model, tokenizer = tiny
+    running = Request(encode(tokenizer, "User: tell me a story."), 30, temperature=0.0)
+    long = Request(encode(tokenizer, "System: you are a careful, patient and friendly assistant. Answer briefly, kindly and "
+                                     "in plain words; when unsure, say so and ask a short question back. User: hello there"), 4,
+                   temperature=0.0)
+    assert len(long.prompt_ids) > 4 * 8
+    engine = Engine(model, tokenizer, stop_token_ids=NEVER, prefix_cache_bytes=0, prefill_chunk=chunk)
+    collector, calls, submitted = Collector(), [], []
+    forward = model.forward
+
+    @functools.wraps(forward)  # the same signature: the engine picks its cache argument from it
+    def recording(*args, **kwargs):  # the engine thread's calls, in order: (rows, positions fed)
+        calls.append(tuple(kwargs["input_ids"].shape))
+        if len(calls) == 3 and not submitted:
+            submitted.append(len(calls))
+            engine.submit(long, collector.emit_for("long"))
+        return forward(*args, **kwargs)
+
+    model.forward = recording
+    try:
+        engine.submit(running, collector.emit_for("running"))
+        engine.start()
+        assert collector.wait(2) == {"running", "long"}
+    finally:
+        del model.forward
+        engine.shutdown()
+    assert collector.tokens[("running", 0)] == alone(model, tokenizer, running)[0]
+    assert collector.tokens[("long", 0)] == alone(model, tokenizer, long)[0]
+    length = len(long.prompt_ids)
+    if chunk:
+        full = (length - 1) // chunk  # chunks of 8, then the last (1..8 positions)
+        expected = [(1, chunk), (1, 1)] * full + [(1, length - full * chunk), (2, 1)]
+    else:
+        expected = [(1, length), (2, 1)]
+    after = calls[submitted[0] : submitted[0] + len(expected)]
+    assert after == expected, calls

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.decode import DecodeBatch, PrefixCache
+from alignkit.decode import DecodeBatch, Prefill, PrefixCache
 from alignkit.generation import RowSampling, SamplingParams, _pad_id, default_stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,12 @@ class Choice:
 class Engine:
     """Owns the model: only the engine thread runs it."""
 
-    def __init__(self, model, tokenizer, max_batch_rows: int = 32, stop_token_ids=None, prefix_cache_bytes: int = 256 * 2**20):
+    def __init__(self, model, tokenizer, max_batch_rows: int = 32, stop_token_ids=None, prefix_cache_bytes: int = 256 * 2**20,
+                 prefill_chunk: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_rows = max_batch_rows
+        # prompt positions per newcomer fed between two decoding steps while other rows run (0: the whole prompt at once)
+        self.prefill_chunk = prefill_chunk
         self.stop_token_ids = tuple(stop_token_ids or default_stop_token_ids(model, tokenizer))
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._waiting: list[Job] = []
@@ -235,35 +238,46 @@ class Engine:
         with torch.no_grad():
             self.model.eval()
             batch, rows = DecodeBatch(self.model, _pad_id(self.tokenizer), self.prefix_cache), []
+            staging: tuple[Prefill, list[Choice]] | None = None  # newcomers being prefilled, a chunk per step
             while True:
                 with self._cond:
-                    while not self._waiting and not rows and not self._stopping:
+                    while not self._waiting and not rows and staging is None and not self._stopping:
                         self._cond.wait()
                     if self._stopping:
                         break
-                    jobs = self._take(self.max_batch_rows - len(rows))
-                    self._admitting = sum(job.request.n for job in jobs)
+                    jobs = [] if staging else self._take(self.max_batch_rows - len(rows))  # one group of newcomers at a time
+                    self._admitting = sum(job.request.n for job in jobs) + (len(staging[1]) if staging else 0)
                 try:
                     if jobs:
-                        rows = self._drop_done(batch, self._admit(batch, rows, jobs))
+                        staging = self._begin(batch, jobs)
+                    if staging:
+                        # a chunk while others are decoding (their streams go on between chunks); the rest at once otherwise
+                        batch.advance(staging[0], self.prefill_chunk if rows and self.prefill_chunk else None)
+                        if staging[0].left == 0:
+                            rows = self._drop_done(batch, self._finish(batch, rows, *staging))
+                            staging = None
                     if rows:
                         self._feed(rows, batch.step().tolist())
                         rows = self._drop_done(batch, rows)
                 except Exception as error:  # a failing batch must not take the server down with it
                     log.exception("the batch failed; its %d request(s) get the error", len(rows))
-                    failed = jobs + [row.job for row in rows if not row.done]
+                    failed = jobs + [row.job for row in rows + (staging[1] if staging else []) if not row.done]
                     for job in {id(job): job for job in failed}.values():
                         job.emit(Failed(f"{type(error).__name__}: {error}"))
-                    batch, rows = DecodeBatch(self.model, _pad_id(self.tokenizer), self.prefix_cache), []
-                self._rows, self._admitting = rows, 0
+                    batch, rows, staging = DecodeBatch(self.model, _pad_id(self.tokenizer), self.prefix_cache), [], None
+                self._rows, self._admitting = rows, len(staging[1]) if staging else 0
                 self._sync_stats(batch)
 
-    def _admit(self, batch: DecodeBatch, rows: list[Choice], jobs: list[Job]) -> list[Choice]:
-        """Prefill the jobs' prompts into the running batch and feed each new row its first token."""
+    def _begin(self, batch: DecodeBatch, jobs: list[Job]) -> tuple[Prefill, list[Choice]]:
+        """The jobs' rows and their prompts' prefill, not yet run."""
         new = [Choice(job, i, self.tokenizer) for job in jobs for i in range(job.request.n)]
         params = SamplingParams(temperature=[row.job.request.temperature for row in new], top_p=[row.job.request.top_p for row in new],
                                 seed=[row.generator for row in new])
-        first = batch.add([row.job.request.prompt_ids for row in new], RowSampling.build(params, len(new), batch.device))
+        return batch.begin([row.job.request.prompt_ids for row in new], RowSampling.build(params, len(new), batch.device)), new
+
+    def _finish(self, batch: DecodeBatch, rows: list[Choice], prefill: Prefill, new: list[Choice]) -> list[Choice]:
+        """Append the prefilled newcomers to the running batch and feed each its first token."""
+        first = batch.finish(prefill)
         self.stats["batches"] += rows == []
         rows = rows + new
         self._rows, self._admitting = rows, 0  # visible before any of them can finish

@@ -109,11 +109,32 @@ def _left_pad_kv(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(*tensor.shape[:2], missing, tensor.shape[3]), tensor], dim=2)
 
 
+@dataclass
+class Prefill:
+    """Newcomers on their way into a `DecodeBatch`: their own KV cache (a reused prefix, then the prompt columns fed
+    so far), the whole attention mask, and the left-padded rest of each distinct prompt. `DecodeBatch.advance` feeds
+    it in chunks, between decoding steps of the running rows, so a long prompt does not stall their streams."""
+
+    prompts: list[list[int]]  # one per new row
+    unique: list[tuple[int, ...]]  # the distinct prompts, computed once each
+    sampling: RowSampling
+    cache: object  # transformers' DynamicCache
+    mask: torch.Tensor  # [U, prefix width + rest width]: cached prefix columns, then the rest's
+    ids: torch.Tensor  # [U, rest width]: the tokens to compute, left-padded
+    fed: int = 0  # columns of `ids` already fed
+    logits: torch.Tensor | None = None  # of the last position fed
+
+    @property
+    def left(self) -> int:
+        return self.ids.shape[1] - self.fed
+
+
 class DecodeBatch:
     """The rows being decoded: their KV cache, attention mask, next positions, pending tokens and settings.
 
-    The owner calls `add` (newcomers: returns their first tokens), `step` (every row: returns the next
-    tokens) and `keep` (rows that go on), from one thread, under torch.no_grad, with the model in eval mode.
+    The owner calls `add` (newcomers: returns their first tokens) or `begin` / `advance` (a chunk at a time) /
+    `finish` for the same in steps, `step` (every row: returns the next tokens) and `keep` (rows that go on), from
+    one thread, under torch.no_grad, with the model in eval mode.
     """
 
     def __init__(self, model, pad_id: int, prefix_cache: PrefixCache | None = None):
@@ -143,8 +164,14 @@ class DecodeBatch:
         return out.logits[:, -1, :].float()
 
     def add(self, prompts: list[list[int]], sampling: RowSampling) -> torch.Tensor:
-        """Prefill `prompts` (a cached prefix is reused, equal prompts are computed once), sample each one's
-        first token with `sampling`, and append them to the batch. Returns those tokens [N]."""
+        """Prefill `prompts` at once and append them to the batch (`begin`, `advance`, `finish`). Returns their first
+        tokens [N]."""
+        prefill = self.begin(prompts, sampling)
+        self.advance(prefill)
+        return self.finish(prefill)
+
+    def begin(self, prompts: list[list[int]], sampling: RowSampling) -> Prefill:
+        """Newcomers to prefill: a cached prefix is reused, equal prompts are computed once. Nothing runs yet."""
         unique = list(dict.fromkeys(tuple(p) for p in prompts))
         cache, mask = self._new_cache(), None
         hits = [(0, None)] * len(unique)
@@ -164,18 +191,32 @@ class DecodeBatch:
         ids = torch.tensor([[self.pad_id] * (rest_width - len(r)) + r for r in rests], dtype=torch.long, device=self.device)
         rest_mask = torch.tensor([[0] * (rest_width - len(r)) + [1] * len(r) for r in rests], dtype=torch.long, device=self.device)
         mask = rest_mask if mask is None else torch.cat([mask, rest_mask], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(ids, mask, positions[:, -rest_width:], cache)
         self.stats["prefill_tokens"] += sum(map(len, rests))
         self.stats["prefix_hit_tokens"] += sum(h for h, _ in hits)
-        if self.prefix_cache is not None:
-            for row, prompt in enumerate(unique):
-                self.prefix_cache.store(list(prompt), self._row_kv(cache, mask, row, len(prompt)))
+        return Prefill(prompts, unique, sampling, cache, mask, ids, fed=0)
 
-        expand = torch.tensor([unique.index(tuple(p)) for p in prompts], device=self.device)
-        if len(unique) != len(prompts):
+    def advance(self, prefill: Prefill, tokens: int | None = None) -> None:
+        """Feed the next `tokens` positions of the newcomers' (left-padded) prompts, or all that are left."""
+        start = prefill.mask.shape[1] - prefill.ids.shape[1] + prefill.fed  # the columns already in the cache
+        stop = start + min(tokens or prefill.left, prefill.left)
+        mask = prefill.mask[:, :stop]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids = prefill.ids[:, prefill.fed : prefill.fed + stop - start]
+        prefill.logits = self._forward(ids, mask, positions[:, start:], prefill.cache)
+        prefill.fed += stop - start
+
+    def finish(self, prefill: Prefill) -> torch.Tensor:
+        """Sample the prefilled newcomers' first tokens and append them to the batch. Returns those tokens [N]."""
+        assert prefill.left == 0, "finish() before the whole prompt was fed"
+        cache, mask, logits, prompts = prefill.cache, prefill.mask, prefill.logits, prefill.prompts
+        if self.prefix_cache is not None:
+            for row, prompt in enumerate(prefill.unique):
+                self.prefix_cache.store(list(prompt), self._row_kv(cache, mask, row, len(prompt)))
+        expand = torch.tensor([prefill.unique.index(tuple(p)) for p in prompts], device=self.device)
+        if len(prefill.unique) != len(prompts):
             cache.batch_select_indices(expand)
             mask, logits = mask[expand], logits[expand]
+        sampling = prefill.sampling
         first = sampling.choose(sampling.scale(logits))
         self._merge(cache, mask)
         self.positions = torch.cat([self.positions, torch.tensor([len(p) for p in prompts], device=self.device)])

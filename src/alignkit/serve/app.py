@@ -318,7 +318,8 @@ def load_state(cfg: ServeConfig) -> ServerState:
     device = _device(cfg.device)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     model = load_causal_lm(cfg.model_name_or_path).to(device)
-    engine = Engine(model, tokenizer, max_batch_rows=cfg.max_batch_rows).start()
+    engine = Engine(model, tokenizer, max_batch_rows=cfg.max_batch_rows, prefix_cache_bytes=cfg.prefix_cache_mb * 2**20,
+                    prefill_chunk=cfg.prefill_chunk_tokens).start()
     summary_engine = None
     if cfg.history_strategy == "summarize" and cfg.summarizer_model:
         summary_engine = Engine(load_causal_lm(cfg.summarizer_model).to(device), load_tokenizer(cfg.summarizer_model)).start()

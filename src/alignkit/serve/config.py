@@ -56,6 +56,10 @@ class ServeConfig:
     max_n: int = knob(8, "largest n a request may ask for", min=1)
     max_batch_rows: int = knob(32, "rows decoded together at most", min=1)
     max_pending: int = knob(256, "queued + running requests before answering 429", min=1)
+    prefix_cache_mb: int = knob(256, "memory for the KV of prompt prefixes seen before (system prompts, chat histories), "
+                                "in MiB; 0 disables the prefix cache", min=0)
+    prefill_chunk_tokens: int = knob(0, "prompt positions prefilled per step while other requests decode, so their streams "
+                                     "go on while a long prompt joins (0: a newcomer's whole prompt at once)", min=0)
     max_body_bytes: int = knob(1_000_000, "largest request body in bytes", min=1)
     device: str = knob("auto", DEVICE_HELP)
 

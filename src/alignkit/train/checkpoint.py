@@ -9,6 +9,9 @@
 - A checkpoint is written into `checkpoints/.tmp-step-N` and renamed to `step-N` when complete; older
   ones are pruned (--save_total_limit) only after that, so a kill at any moment leaves a loadable one.
 - Everything loads with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+- Under FSDP the files are the same as a 1-process run's (full weights, full optimizer state): rank 0 gathers
+  them to save and broadcasts them on load (`alignkit.train.sharding`), so a checkpoint does not depend on
+  the sharding.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 
 from alignkit import atomic
+from alignkit.train import sharding
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +148,18 @@ def check_fingerprint(checkpoint: Path, cfg) -> None:
                          "Resume with the same settings, or start a new run in another --output_dir")
 
 
+def check_processes(checkpoint: Path) -> None:
+    """A checkpoint resumes with the number of processes that wrote it (the launcher's WORLD_SIZE): the global
+    batch (per-device batch x accumulation x processes), the data position and each process's RNG and unlogged
+    metric sums depend on it. Its files do not depend on the sharding (DDP and FSDP resume each other's)."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("processes")
+    now = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved is not None and saved != now:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: written by a run of {saved} process(es), this one has {now}: the global "
+                         f"batch and the data position would change. Resume with {saved} process(es) (accelerate launch --num_processes {saved}), "
+                         "or start a new run in another --output_dir")
+
+
 def check_config_file(output_dir: Path, cfg) -> None:
     """Resuming into a directory whose config.yaml (the run that wrote it) has other settings would mix two runs."""
     import yaml
@@ -200,6 +216,7 @@ def prepare_output_dir(cfg) -> Path | None:
             logger.warning("no checkpoint in %s: starting fresh", output_dir / "checkpoints")
         else:
             check_fingerprint(checkpoint, cfg)
+            check_processes(checkpoint)
         if cfg.overwrite_output_dir:
             remove_run_outputs(output_dir, found)
         elif found:
@@ -281,12 +298,18 @@ def save_checkpoint(directory: Path, accelerator, model, optimizer, scheduler, s
     from safetensors.torch import save_file
 
     tmp = directory.with_name(f".tmp-{directory.name}")  # one name every process agrees on
+    state = {**state, "processes": accelerator.num_processes}  # a resumption must run as many (check_processes)
     step = int(directory.name.split("-")[1])
+    if sharding.is_sharded(model):  # FSDP: every process sends its shards; rank 0 gets the full tensors, saved as 1 process saves them
+        gathered = sharding.gather_checkpoint_state(model, optimizer)
+    elif accelerator.is_main_process:
+        gathered = trainable_state(accelerator.unwrap_model(model)), optimizer.state_dict()
     if accelerator.is_main_process:
+        weights, optimizer_state = gathered
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save
         tmp.mkdir(parents=True)
-        save_file(trainable_state(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         kill_point("ALIGNKIT_KILL_IN_SAVE", step)
         fields = fingerprint_fields(cfg)
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "fingerprint": fingerprint(fields), "config": fields}, indent=1, default=str))
@@ -315,17 +338,18 @@ def _safe_load(path: Path):
 def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -> tuple[dict, dict]:
     """Restore a checkpoint into model, optimizer and scheduler and this process's RNG; returns (the
     trainer's state, this process's saved `process_state`)."""
-    weights = _safe_load(directory / "trainable.safetensors")
-    params = dict(accelerator.unwrap_model(model).named_parameters())
-    missing = sorted(set(name for name, p in params.items() if p.requires_grad) - set(weights))
-    if missing:
-        raise ValueError(f"--resume_from_checkpoint {directory}: no weights for {missing[:3]} (a checkpoint of another model?)")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    saved = _safe_load(directory / "optimizer.pt")
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    if sharding.is_sharded(model):
+        _load_sharded(directory, accelerator, model, optimizer, scheduler)
+    else:
+        params = dict(accelerator.unwrap_model(model).named_parameters())
+        weights = _safe_load(directory / "trainable.safetensors")
+        _check_weights(directory, weights, params)
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        saved = _safe_load(directory / "optimizer.pt")
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
     process_state: dict = {}
     rng_file = directory / f"rng_{accelerator.process_index}.pt"
     if rng_file.exists():
@@ -333,7 +357,35 @@ def load_checkpoint(directory: Path, accelerator, model, optimizer, scheduler) -
         set_rng_state(rng)
         process_state = rng.get("process", {})
     state = json.loads((directory / "trainer_state.json").read_text())
-    return {k: v for k, v in state.items() if k not in ("fingerprint", "config")}, process_state
+    return {k: v for k, v in state.items() if k not in ("fingerprint", "config", "processes")}, process_state
+
+
+def _check_weights(directory: Path, weights: dict, params: dict) -> None:
+    missing = sorted(set(name for name, p in params.items() if p.requires_grad) - set(weights))
+    if missing:
+        raise ValueError(f"--resume_from_checkpoint {directory}: no weights for {missing[:3]} (a checkpoint of another model?)")
+
+
+def _load_sharded(directory: Path, accelerator, model, optimizer, scheduler) -> None:
+    """FSDP: rank 0 reads the checkpoint (the 1-process format) and broadcasts it; each process keeps its shards.
+    Rank 0 tells every process whether the files loaded, so a bad checkpoint stops them all with its message
+    (rather than leaving the others waiting for tensors that never come)."""
+    weights = optimizer_state = None
+    message: list = [None, None]  # [error, the scheduler's state]
+    if accelerator.is_main_process:
+        try:
+            weights = _safe_load(directory / "trainable.safetensors")
+            _check_weights(directory, weights, dict(model.named_parameters()))
+            saved = _safe_load(directory / "optimizer.pt")
+            optimizer_state, message = saved["optimizer"], [None, saved["scheduler"]]
+            sharding.check_optimizer_state(optimizer, optimizer_state)
+        except (ValueError, KeyError, TypeError) as error:
+            message = [f"--resume_from_checkpoint {directory}: {error}" if isinstance(error, (KeyError, TypeError)) else str(error), None]
+    torch.distributed.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise ValueError(message[0])
+    scheduler.load_state_dict(message[1])
+    sharding.load_checkpoint_state(model, optimizer, weights, optimizer_state)
 
 
 def drop_later_checkpoints(output_dir: Path, step: int) -> None:

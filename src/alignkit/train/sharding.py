@@ -11,7 +11,8 @@ Every forward must enter through the root's `forward` (its hook gathers the root
 helpers see an FSDP model and call the whole model, as under DDP (`alignkit.models.trunk_and_head`).
 Gradients are reduce-scattered and averaged over processes as DDP averages them, so the loop's scaling holds.
 The final save gathers one full state dict on rank 0 into an unsharded copy of the model made on the meta
-device before sharding (no memory), which the stage saves as usual.
+device before sharding (no memory), which the stage saves as usual. Checkpoints gather the trainable weights
+and the optimizer state the same way, into the files a 1-process run writes, and load by broadcasting them.
 
 PPO's no-grad phases (sampling, old log-probs, critic and reference passes) call the policy's parts outside the
 root's forward, and each process samples its own number of tokens: per-layer gathers would not pair up across
@@ -54,14 +55,10 @@ def accelerate_shards(accelerator) -> bool:
 
 def check_fsdp_config(cfg) -> None:
     """What alignkit's FSDP runs support, checked before any model loads (ValueError naming the setting): every
-    trainer (SFT, RM, DPO, PPO/RLOO/GRPO); no sharded checkpoints yet; without a GPU (this module's own path)
+    trainer (SFT, RM, DPO, PPO/RLOO/GRPO); without a GPU (this module's own path)
     FSDP2 only, without offloading or accelerate's activation checkpointing."""
     if not torch.cuda.is_available():
         _check_cpu_settings()
-    if cfg.save_steps or cfg.resume_from_checkpoint:
-        flag = "--save_steps" if cfg.save_steps else "--resume_from_checkpoint"
-        raise ValueError(f"{flag}: checkpoints of FSDP-sharded runs (sharded optimizer state) are not supported yet; "
-                         "use --save_steps 0 under FSDP, or checkpoint under configs/accelerate/ddp.yaml")
 
 
 def _check_cpu_settings() -> None:
@@ -214,3 +211,82 @@ def eval_chunks(model: torch.nn.Module, examples: list, rank: int, world: int, s
         most = math.ceil(math.ceil(len(examples) / world) / size)
         chunks += [(examples[:size], False)] * (most - len(chunks))
     return chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: a sharded run's state in the format of a 1-process checkpoint (full tensors, optimizer state
+# numbered as torch numbers it), gathered to rank 0 to save and broadcast from rank 0 to load. So a checkpoint
+# does not depend on how the run was sharded (nor on the number of processes holding the shards).
+
+
+def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """accelerate's wrapper's inner optimizer: torch's state-dict helpers may call its step() (with lr 0), which
+    must not go through accelerate's gradient-accumulation bookkeeping."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters in the order `optimizer.state_dict()` numbers them (group by group)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def gather_checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
+    """(trainable weights by name, optimizer state dict) of a sharded model, full tensors on rank 0's CPU, as a
+    1-process run saves them (`trainable_state`, `optimizer.state_dict()`); None on the other ranks. Every process
+    must call it (the shards are all-gathered)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(model, options=options)
+    inner = _torch_optimizer(optimizer)
+    if not inner.state:  # no step taken yet (or all skipped): nothing sharded; torch's helper would take a step of lr 0 to fill it
+        optim = inner.state_dict()
+    else:
+        by_name = get_optimizer_state_dict(model, inner, options=options)
+        index = {name: i for i, name in enumerate(_parameter_names(model, inner))}
+        optim = {"state": {index[name]: value for name, value in by_name.get("state", {}).items()},
+                 "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in by_name.get("param_groups", [])]}
+    if torch.distributed.get_rank() != 0:
+        return None
+    # tied weights appear under each name in a state dict; a 1-process checkpoint holds each parameter once
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: value.contiguous() for name, value in weights.items() if name in trainable}, optim
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, optim: dict) -> None:
+    """A saved optimizer state dict fits this optimizer: as many groups, and state only for its parameters
+    (ValueError otherwise, as torch's load_state_dict would say)."""
+    inner = _torch_optimizer(optimizer)
+    count = sum(len(group["params"]) for group in inner.param_groups)
+    sizes = [len(group["params"]) for group in optim["param_groups"]]
+    if sizes != [len(group["params"]) for group in inner.param_groups] or any(not 0 <= i < count for i in optim["state"]):
+        raise ValueError(f"optimizer.pt holds parameter groups of sizes {sizes} for an optimizer whose groups have "
+                         f"{[len(group['params']) for group in inner.param_groups]} parameters (a checkpoint of another model?)")
+
+
+def load_checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict | None, optim: dict | None) -> None:
+    """Load trainable weights and an optimizer state dict in the 1-process format (given on rank 0, None elsewhere)
+    into a sharded model and its optimizer: rank 0 broadcasts each full tensor, every process keeps its shard.
+    Every process must call it. Parameters without optimizer state in the checkpoint get none here either."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    inner = _torch_optimizer(optimizer)
+    names = _parameter_names(model, inner)
+    summary = [None if optim is None else {"stateful": [names[i] for i in optim["state"]], "param_groups": optim["param_groups"]}]
+    torch.distributed.broadcast_object_list(summary, src=0)
+    stateful, groups = set(summary[0]["stateful"]), summary[0]["param_groups"]
+    # strict=False: the checkpoint holds the trainable weights only (a LoRA run's adapters), each tied weight once
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, weights or {}, options=options)
+    if stateful:
+        by_name = {} if optim is None else {
+            "state": {names[i]: value for i, value in optim["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in optim["param_groups"]]}
+        set_optimizer_state_dict(model, inner, by_name, options=options)
+    params = [p for group in inner.param_groups for p in group["params"]]
+    for name, param in zip(names, params):
+        if name not in stateful:  # torch's helper fills a fresh optimizer's state with a step of lr 0 first
+            inner.state.pop(param, None)
+    for group, saved in zip(inner.param_groups, groups):  # hyperparameters (lr, initial_lr, ...) as torch's load_state_dict sets them
+        group.update({key: value for key, value in saved.items() if key != "params"})
