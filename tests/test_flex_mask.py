@@ -247,6 +247,18 @@ def test_flex_without_a_gpu_is_refused_before_anything_loads(command, monkeypatc
     assert result.output.startswith("error: --attention_kernel: flex needs a CUDA GPU") and "Traceback" not in result.output
 
 
+def test_sft_has_no_prefix_shared_rows_so_no_attention_kernel_flag():
+    """A command shows and accepts only the flags it uses: SFT never builds a tree mask."""
+    from typer.testing import CliRunner
+
+    from alignkit.cli import app
+
+    result = CliRunner().invoke(app, ["sft", "--dataset", "builtin:arithmetic", "--attention_kernel", "dense"])
+    assert result.exit_code == 2 and "--attention_kernel" in result.output and "Traceback" not in result.output, result.output
+    assert "--attention_kernel" not in CliRunner().invoke(app, ["sft", "-h"]).output
+    assert "--attention_kernel" in CliRunner().invoke(app, ["rm", "-h"]).output
+
+
 def test_training_passes_the_flag_to_the_model(tmp_path, tiny_model_dir, monkeypatch):
     """`run_rm --attention_kernel flex` trains through the block-mask path (FlexAttention swapped for a dense
     evaluation of the same block mask, which has a backward on CPU) and logs the dense run's loss."""

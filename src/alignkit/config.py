@@ -258,6 +258,14 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def attention_kernel_knob():
+    """--attention_kernel, declared once for the trainers whose rows share a prompt (reward model, DPO, PPO);
+    SFT has no such rows, so it neither shows nor accepts the flag."""
+    return knob("dense", "attention for prefix-shared rows (one prompt, several responses): the dense 4-D mask through "
+                "SDPA, FlexAttention block masks (CUDA only), or auto: flex on a CUDA GPU, dense elsewhere",
+                choices=("auto", "dense", "flex"))
+
+
 @dataclass
 class TrainConfig:
     """Knobs shared by every trainer (SFT, reward model, DPO, PPO)."""
@@ -299,9 +307,6 @@ class TrainConfig:
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass (less memory, ~30% more compute)")
     report_to: str = knob("none", "where metrics go besides metrics.jsonl", choices=("none", "tensorboard", "wandb"))
     torch_dtype: str = knob("float32", "dtype the weights are loaded in", choices=("float32", "bfloat16", "float16", "auto"))
-    attention_kernel: str = knob("dense", "attention for prefix-shared rows (reward model, DPO, PPO passes): the dense 4-D mask "
-                                 "through SDPA, FlexAttention block masks (CUDA only), or auto: flex on a CUDA GPU, dense elsewhere",
-                                 choices=("auto", "dense", "flex"))
 
     def validate(self) -> None:
         """Rules that involve several fields or the machine; every value already passed its own declaration."""
@@ -349,6 +354,7 @@ class RMConfig(SupervisedConfig):
     learning_rate: float = knob(1e-5, "peak learning rate (AdamW)", min=0, min_exclusive=True)
     center_rewards_coefficient: float = knob(0.0, "adds c·(r_w + r_l)² to keep rewards centred at 0", min=0)
     normalize_dataset: str = knob("", "after training, shift the head's bias so these responses (prompt/completion rows) score 0 on average")
+    attention_kernel: str = attention_kernel_knob()
 
 
 @dataclass
@@ -364,6 +370,7 @@ class DPOConfig(SupervisedConfig):
     sft_weight: float = knob(0.0, "adds this weight × NLL of the chosen response (RPO)", min=0)
     ref_model: str = knob("", "reference model (default: the starting policy; with LoRA, the adapter disabled)")
     precompute_ref_log_probs: bool = knob(False, "compute reference log-probs once before training, then free the reference")
+    attention_kernel: str = attention_kernel_knob()
 
 
 @dataclass
@@ -377,6 +384,7 @@ class PPOConfig(TrainConfig):
 
     learning_rate: float = knob(1e-6, "peak learning rate (AdamW)", min=0, min_exclusive=True)
     max_steps: int = knob(100, "rollout-and-update iterations", min=1)
+    attention_kernel: str = attention_kernel_knob()
     logging_steps: int = knob(1, "log to metrics.jsonl every N iterations", min=1)
     reward_model: str = knob("", "reward model directory (an `alignkit rm` output) scoring prompt + response")
     reward_fn: str = knob("", "reward functions, comma-separated: module:function | path/file.py:function | builtin:exact_match | builtin:sentiment",

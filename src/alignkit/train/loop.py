@@ -237,12 +237,17 @@ def check_sharding_backend(cfg: TrainConfig) -> None:
                          "has none. On CPU use configs/accelerate/fsdp.yaml (FSDP2) or configs/accelerate/ddp.yaml (DDP over gloo)")
 
 
+def attention_kernel(cfg: TrainConfig) -> str:
+    """--attention_kernel of the trainers with prefix-shared rows (RM, DPO, PPO); SFT has no such rows: dense."""
+    return getattr(cfg, "attention_kernel", "dense")
+
+
 def check_engine_flags(cfg: TrainConfig) -> None:
     """The engine's flags, checked before any model loads: --mixed_precision is resolved ("auto" -> bf16 | no,
     fp16 off CUDA refused), --attention_kernel flex needs CUDA, and --report_to must name a destination that is available."""
     cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     check_sharding_backend(cfg)
-    if (why := flex_refusal(cfg.attention_kernel)) is not None:
+    if (why := flex_refusal(attention_kernel(cfg))) is not None:
         raise ValueError(f"--attention_kernel: {why}")
     if cfg.report_to not in REPORT_TO:
         raise ValueError(f"--report_to must be one of {' | '.join(REPORT_TO)}, got {cfg.report_to!r}")
@@ -420,7 +425,7 @@ def train(stage: Stage | Iterations, cfg: TrainConfig) -> dict:
     batch_loss = isinstance(stage, Stage)
 
     model = stage.model
-    use_attention_kernel(model, cfg.attention_kernel)  # before sharding wraps it; a no-op for dense
+    use_attention_kernel(model, attention_kernel(cfg))  # before sharding wraps it; a no-op for dense
     model.train(batch_loss)  # iterations (PPO) keep dropout off: sampling and training log-probs must agree
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, in_eval_mode=not batch_loss)
