@@ -217,6 +217,27 @@ def test_chat_command_streams_and_handles_commands(tiny_model_dir, tokenizer, tm
     assert "unknown command /bogus" in out and "never read" not in out
 
 
+def test_chat_prefix_cache_flag(tiny_model_dir):
+    """`alignkit chat --prefix_cache_mb`: the second turn's prompt starts with the first turn's prompt and reply, so with
+    the cache (the default) /history reports a block-aligned part of it reused; with 0 MiB nothing is."""
+    import re
+
+    from alignkit.decode import BLOCK
+    from alignkit.serve.commands import app
+
+    script = "/system Be brief and kind.\nHello there, how are you today?\nTell me more about that.\n/history\n/quit\n"
+    reused = {}
+    for flags in ([], ["--prefix_cache_mb", "0"]):
+        result = CliRunner().invoke(app, ["chat", "--model_name_or_path", str(tiny_model_dir), "--temperature", "0",
+                                          "--max_new_tokens", "6", *flags], input=script)
+        assert result.exit_code == 0, result.output
+        tokens, cached = map(int, re.search(r"the last prompt had (\d+) tokens .*; (\d+) of them came from the prefix cache", result.output).groups())
+        reused[bool(flags)] = (tokens, cached)
+    tokens, cached = reused[False]
+    assert cached >= BLOCK and cached % BLOCK == 0 and cached < tokens, reused
+    assert reused[True] == (tokens, 0), reused
+
+
 def test_chat_command_user_errors_exit_2(tiny_model_dir):
     from alignkit.serve.commands import app
 

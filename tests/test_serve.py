@@ -288,7 +288,9 @@ def test_api_key_and_bind_policy(state):
 def test_prefix_cache_and_prefill_chunk_flags_reach_the_engine(model_dir):
     """`--prefix_cache_mb` sizes the engine's prefix cache: two requests sharing a long system prompt, over HTTP. With 0
     the second prompt is prefilled whole (no hit); with 64 MiB it reuses the block-aligned prefix it shares with the
-    first, counted independently from the two prompts' tokens. A negative size is refused, naming the flag.
+    first, counted independently from the two prompts' tokens; a third request repeating the second (streamed) reuses
+    all of it but the block holding its last token. Each response's `usage.prompt_tokens_details.cached_tokens`, read
+    through the official client, reports that reuse. A negative size is refused, naming the flag.
     `--prefill_chunk_tokens` reaches the engine too (what the engine does with it: test_serve_batching.py)."""
     from alignkit.config import load_config
     from alignkit.decode import BLOCK
@@ -299,7 +301,7 @@ def test_prefix_cache_and_prefill_chunk_flags_reach_the_engine(model_dir):
     assert refused.exit_code == 2 and "--prefix_cache_mb" in refused.output and ">= 0" in refused.output, refused.output
     system = {"role": "system", "content": "You are a careful, patient and friendly assistant. Answer briefly and kindly."}
     conversations = [[system, *user("what is a lighthouse?")], [system, *user("why is the sea salty?")]]
-    stats, prompt_tokens = {}, {}
+    stats, prompt_tokens, cached = {}, {}, {}
     for megabytes in (0, 64):
         cfg = load_config(ServeConfig, overrides={"model_name_or_path": str(model_dir), "served_model_name": MODEL,
                                                   "context_length": CONTEXT, "prefix_cache_mb": megabytes,
@@ -309,8 +311,13 @@ def test_prefix_cache_and_prefill_chunk_flags_reach_the_engine(model_dir):
             assert served.engine.prefill_chunk == 8 + megabytes
             with BackgroundServer(create_app(served)) as background:
                 api = openai.OpenAI(base_url=background.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-                prompt_tokens[megabytes] = [api.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
-                                            .usage.prompt_tokens for messages in conversations]
+                usages = [api.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0).usage
+                          for messages in conversations]
+                # the streamed usage chunk reports the same count: the second prompt again, now all cached but its last block
+                streamed = [c.usage for c in api.chat.completions.create(model=MODEL, messages=conversations[1], max_tokens=2, temperature=0,
+                                                                           stream=True, stream_options={"include_usage": True}) if c.usage]
+            prompt_tokens[megabytes] = [u.prompt_tokens for u in usages]
+            cached[megabytes] = [u.prompt_tokens_details.cached_tokens for u in usages + streamed]
             stats[megabytes] = dict(served.engine.stats)
             prompts = [served.tokenizer(prompt_text(served.tokenizer, m, Formatting()), add_special_tokens=False)["input_ids"]
                        for m in conversations]
@@ -319,8 +326,13 @@ def test_prefix_cache_and_prefill_chunk_flags_reach_the_engine(model_dir):
     assert prompt_tokens[0] == prompt_tokens[64] == [len(p) for p in prompts]
     shared = min(common_prefix_length(prompts), len(prompts[1]) - 1) // BLOCK * BLOCK
     assert shared >= BLOCK
-    assert stats[0]["prefix_hit_tokens"] == 0 and stats[0]["prefill_tokens"] == sum(prompt_tokens[0])
-    assert stats[64]["prefix_hit_tokens"] == shared and stats[64]["prefill_tokens"] == sum(prompt_tokens[64]) - shared
+    # the third request repeats the second: all of it is cached but the last block holding its final token
+    last_block = (prompt_tokens[64][1] - 1) // BLOCK * BLOCK
+    sent = sum(prompt_tokens[0]) + prompt_tokens[0][1]
+    assert stats[0]["prefix_hit_tokens"] == 0 and stats[0]["prefill_tokens"] == sent
+    assert stats[64]["prefix_hit_tokens"] == shared + last_block and stats[64]["prefill_tokens"] == sent - shared - last_block
+    # each response's usage.prompt_tokens_details.cached_tokens (OpenAI's field) says the same, per request
+    assert cached[0] == [0, 0, 0] and cached[64] == [0, shared, last_block], (cached, shared)
 
 
 def test_client_disconnect_mid_stream_frees_its_slot(state, server):

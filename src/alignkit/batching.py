@@ -57,6 +57,7 @@ class Finished:
     reason: str
     tokens: int
     token_ids: list[int] = field(default_factory=list)  # the sampled tokens (a stop string's tail included)
+    cached_tokens: int = 0  # of the prompt's tokens, those whose KV came from the prefix cache
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Choice:
         self.ids: list[int] = []
         self.sent = ""
         self.done = False
+        self.cached_tokens = 0  # set when its prompt is prefilled
         self.holdback = max((len(s) for s in job.request.stop), default=1) - 1
         seed = job.request.seed
         self.generator = None if seed is None else torch.Generator().manual_seed(choice_seed(seed, index))
@@ -128,7 +130,7 @@ class Choice:
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.job.emit(Delta(self.index, text[len(self.sent) :]))
         self.done = True
-        self.job.emit(Finished(self.index, reason, len(self.ids), list(self.ids)))
+        self.job.emit(Finished(self.index, reason, len(self.ids), list(self.ids), self.cached_tokens))
 
 
 class Engine:
@@ -277,6 +279,8 @@ class Engine:
 
     def _finish(self, batch: DecodeBatch, rows: list[Choice], prefill: Prefill, new: list[Choice]) -> list[Choice]:
         """Append the prefilled newcomers to the running batch and feed each its first token."""
+        for row in new:
+            row.cached_tokens = prefill.cached_tokens(row.job.request.prompt_ids)
         first = batch.finish(prefill)
         self.stats["batches"] += rows == []
         rows = rows + new

@@ -121,12 +121,17 @@ class Prefill:
     cache: object  # transformers' DynamicCache
     mask: torch.Tensor  # [U, prefix width + rest width]: cached prefix columns, then the rest's
     ids: torch.Tensor  # [U, rest width]: the tokens to compute, left-padded
+    hits: list[int]  # per distinct prompt: its leading tokens taken from the prefix cache, not computed
     fed: int = 0  # columns of `ids` already fed
     logits: torch.Tensor | None = None  # of the last position fed
 
     @property
     def left(self) -> int:
         return self.ids.shape[1] - self.fed
+
+    def cached_tokens(self, prompt: list[int]) -> int:
+        """How many of `prompt`'s tokens came from the prefix cache."""
+        return self.hits[self.unique.index(tuple(prompt))]
 
 
 class DecodeBatch:
@@ -193,7 +198,7 @@ class DecodeBatch:
         mask = rest_mask if mask is None else torch.cat([mask, rest_mask], dim=1)
         self.stats["prefill_tokens"] += sum(map(len, rests))
         self.stats["prefix_hit_tokens"] += sum(h for h, _ in hits)
-        return Prefill(prompts, unique, sampling, cache, mask, ids, fed=0)
+        return Prefill(prompts, unique, sampling, cache, mask, ids, [h for h, _ in hits], fed=0)
 
     def advance(self, prefill: Prefill, tokens: int | None = None) -> None:
         """Feed the next `tokens` positions of the newcomers' (left-padded) prompts, or all that are left."""

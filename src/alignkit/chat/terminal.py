@@ -48,6 +48,7 @@ class ChatSession:
     turns: list[dict] = field(default_factory=list)  # user/assistant messages, alternating
     cache: SummaryCache = field(default_factory=SummaryCache)
     last_fit: FittedPrompt | None = None
+    last_cached_tokens: int = 0  # of the last prompt, the tokens whose KV the prefix cache held (not computed again)
 
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
@@ -74,7 +75,8 @@ def describe_history(session: ChatSession, budget: int) -> str:
     lines = [f"[{m['role']}] {m['content']}" for m in session.messages()] or ["(empty conversation)"]
     fit = session.last_fit
     if fit:
-        lines.append(f"-- the last prompt had {len(fit.prompt_ids)} tokens (budget {budget}: context minus max_new_tokens)")
+        lines.append(f"-- the last prompt had {len(fit.prompt_ids)} tokens (budget {budget}: context minus max_new_tokens); "
+                     f"{session.last_cached_tokens} of them came from the prefix cache")
     if fit and fit.dropped_turns:
         how = f"this summary in their place: {fit.summary!r}" if fit.summary is not None else "nothing in their place (truncated)"
         lines.append(f"-- the model did not see the first {fit.dropped_turns} turn(s); it saw {how}")
@@ -103,6 +105,7 @@ def reply(engine: Engine, session: ChatSession, user_text: str, fmt: Formatting,
                 text += event.text
                 write(event.text)
             elif isinstance(event, Finished):
+                session.last_cached_tokens = event.cached_tokens
                 break
             elif isinstance(event, Failed):
                 raise RuntimeError(f"generation failed: {event.message}")

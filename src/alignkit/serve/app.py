@@ -156,7 +156,7 @@ def create_app(state: ServerState) -> FastAPI:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = _stream(job, events, meta, sampling.n, prompt_tokens, include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, reasons, tokens = [""] * sampling.n, [None] * sampling.n, 0
+        texts, reasons, tokens, cached = [""] * sampling.n, [None] * sampling.n, 0, 0
         watcher = asyncio.create_task(_hang_up_watch(request, events))
         try:
             while any(r is None for r in reasons):
@@ -169,13 +169,14 @@ def create_app(state: ServerState) -> FastAPI:
                     texts[event.index] += event.text
                 else:
                     reasons[event.index], tokens = event.reason, tokens + event.tokens
+                    cached = event.cached_tokens
         finally:
             watcher.cancel()
             job.cancel()  # a no-op once finished; frees the rows if the client went away
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
                    for i, (t, r) in enumerate(zip(texts, reasons))]
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
-        return {**meta, "object": "chat.completion", "choices": choices, "usage": usage, "system_fingerprint": None, "history": history}
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(prompt_tokens, tokens, cached),
+                "system_fingerprint": None, "history": history}
 
     @app.post("/api/feedback", dependencies=guarded)
     def feedback(body: FeedbackIn):
@@ -271,6 +272,13 @@ async def _hang_up_watch(request: Request, events: asyncio.Queue) -> None:
     events.put_nowait(HUNG_UP)
 
 
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens whose KV came from the prefix cache
+    (every choice of a request shares its prompt, so any choice's count is the request's)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
 async def _stream(job, events: asyncio.Queue, meta: dict, n: int, prompt_tokens: int, include_usage: bool):
     """Server-sent events in OpenAI's chunk format, then `data: [DONE]`."""
 
@@ -280,7 +288,7 @@ async def _stream(job, events: asyncio.Queue, meta: dict, n: int, prompt_tokens:
     try:
         for i in range(n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        finished, tokens = 0, 0
+        finished, tokens, cached = 0, 0, 0
         while finished < n:
             event = await events.get()
             if isinstance(event, Failed):
@@ -289,10 +297,10 @@ async def _stream(job, events: asyncio.Queue, meta: dict, n: int, prompt_tokens:
             if isinstance(event, Delta):
                 yield chunk([{"index": event.index, "delta": {"content": event.text}, "finish_reason": None}])
             elif isinstance(event, Finished):
-                finished, tokens = finished + 1, tokens + event.tokens
+                finished, tokens, cached = finished + 1, tokens + event.tokens, event.cached_tokens
                 yield chunk([{"index": event.index, "delta": {}, "finish_reason": event.reason}])
         if include_usage:
-            yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens})
+            yield chunk([], usage=_usage(prompt_tokens, tokens, cached))
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()  # the client went away mid-stream (the generator is cancelled): free its rows

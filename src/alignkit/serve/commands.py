@@ -33,7 +33,7 @@ def run_chat_command(cfg: ChatConfig) -> None:
     context = cfg.context_length or int(getattr(model.config, "max_position_embeddings", 2048))
     if cfg.max_new_tokens >= context:
         raise ValueError(f"--max_new_tokens {cfg.max_new_tokens} leaves no room for the prompt in the context of {context} tokens")
-    engine = Engine(model, tokenizer, max_batch_rows=8).start()
+    engine = Engine(model, tokenizer, max_batch_rows=8, prefix_cache_bytes=cfg.prefix_cache_mb * 2**20).start()
     summary_engine = Engine(*_load(cfg.summarizer_model, cfg.device)).start() if cfg.summarizer_model else None
     settings = ChatSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, context, cfg.history_strategy, cfg.summary_max_tokens)
     try:

@@ -34,6 +34,12 @@ def check_sqlite(flag: str, path: str, must_exist: bool) -> None:
         refuse(flag, f"{path} is not an SQLite database (its header is not 'SQLite format 3'); give the file `alignkit serve --feedback_db` writes")
 
 
+def prefix_cache_knob():
+    """--prefix_cache_mb, declared once for `serve` and `chat` (a chat's next turn starts with the last prompt and reply)."""
+    return knob(256, "memory for the KV of prompt prefixes seen before (system prompts, chat histories), in MiB; "
+                "0 disables the prefix cache", min=0)
+
+
 @dataclass
 class ServeConfig:
     """OpenAI-compatible chat server with a web page for chatting and collecting comparisons."""
@@ -56,8 +62,7 @@ class ServeConfig:
     max_n: int = knob(8, "largest n a request may ask for", min=1)
     max_batch_rows: int = knob(32, "rows decoded together at most", min=1)
     max_pending: int = knob(256, "queued + running requests before answering 429", min=1)
-    prefix_cache_mb: int = knob(256, "memory for the KV of prompt prefixes seen before (system prompts, chat histories), "
-                                "in MiB; 0 disables the prefix cache", min=0)
+    prefix_cache_mb: int = prefix_cache_knob()
     prefill_chunk_tokens: int = knob(0, "prompt positions prefilled per step while other requests decode, so their streams "
                                      "go on while a long prompt joins (0: a newcomer's whole prompt at once)", min=0)
     max_body_bytes: int = knob(1_000_000, "largest request body in bytes", min=1)
@@ -87,6 +92,7 @@ class ChatConfig:
     history_strategy: str = knob("truncate", "what happens to old turns that do not fit", choices=("truncate", "summarize"))
     summary_max_tokens: int = knob(128, "token limit of a summary of old turns", min=1)
     summarizer_model: str = knob("", "model that writes summaries (default: the chat model)")
+    prefix_cache_mb: int = prefix_cache_knob()
     use_chat_template: str = knob("auto", "format with the tokenizer's chat template", choices=("auto", "yes", "no"))
     separator: str = knob(SEPARATOR, "joins prompt and response when no chat template is used")
     device: str = knob("auto", DEVICE_HELP)
